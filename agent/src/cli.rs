@@ -1,0 +1,90 @@
+//! The command line: one subcommand per mode, configuration from the
+//! environment as the env files under /opt/matrix/env/ set it.
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, Env};
+use crate::{backup, restore, verify};
+
+const ENVIRONMENT_HELP: &str = "\
+Configuration comes from the environment (systemd loads it from the files
+under /opt/matrix/env/):
+  MATRIX_MACHINE_ID            UUID of this machine
+  MATRIX_CLERK_USER_ID         the customer's id
+  MATRIX_R2_BUCKET             bucket name (or R2_BUCKET)
+  MATRIX_R2_PREFIX             matrixos-sync/<MATRIX_CLERK_USER_ID>/ (or R2_PREFIX)
+  R2_ENDPOINT | R2_ACCOUNT_ID  endpoint URL, or the R2 account it is derived from
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN
+  AWS_DEFAULT_REGION           default: auto
+  POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD, PGHOST, PGPORT
+  MATRIX_STATE_DIR             default: /var/lib/matrix
+  MATRIX_RESTORE_MARKER        default: /opt/matrix/restore-complete
+  MATRIX_STORE_DIR             use a local directory instead of a bucket
+  MATRIX_PG_INSTALL_ROOT       default: /usr/lib/postgresql
+  MATRIX_PART_SIZE             multipart part size, e.g. 16MiB (default: from the database size)
+  MATRIX_UPLOAD_CONCURRENCY    parts in flight (default: 4, fewer for large parts)
+  MATRIX_PG_WAIT               how long restore waits for PostgreSQL (default: 5m)
+  MATRIX_DISK_RESERVE          free disk kept beyond a download (default: 1GiB)
+  MATRIX_LOG                   log filter, e.g. debug (default: info)
+
+Exit status: 0 success, 1 failure, 2 bad configuration or usage,
+75 another backup holds the lock.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "matrix-agent",
+    version,
+    about = "Backs up, restores and reports on a Matrix OS host's PostgreSQL database",
+    after_help = ENVIRONMENT_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Restore the database from the bucket before the gateway starts.
+    ///
+    /// Exits 0 at once when the restore marker already exists. Otherwise
+    /// restores the snapshot system/db/latest names, or opens the gate on
+    /// a fresh host whose bucket holds no snapshot, then writes the marker.
+    /// Any failure to read the bucket keeps the gate shut.
+    #[command(after_help = "Examples:\n  \
+        sudo -u matrix sh -c 'set -a; . /opt/matrix/env/host.env; . /opt/matrix/env/r2.env; \
+        . /opt/matrix/env/postgres.env; exec matrix-agent restore'\n  \
+        systemctl restart matrix-restore")]
+    Restore,
+
+    /// Stream a pg_dump into the bucket and move system/db/latest to it.
+    ///
+    /// Refuses before the restore gate opened and while the machine
+    /// metadata names another machine. Exits 75 when another backup runs.
+    #[command(after_help = "Examples:\n  systemctl start matrix-db-backup\n  \
+        MATRIX_PART_SIZE=16MiB matrix-agent backup")]
+    Backup,
+
+    /// Check a snapshot end to end without touching the database.
+    ///
+    /// Streams the snapshot through SHA-256 and through pg_restore into
+    /// /dev/null, so every archive entry is read and decompressed.
+    #[command(after_help = "Examples:\n  matrix-agent verify\n  \
+        matrix-agent verify --snapshot system/db/snapshots/2026-04-26T1800Z.dump")]
+    Verify {
+        /// Snapshot key to check instead of the one system/db/latest names.
+        #[arg(long, value_name = "KEY")]
+        snapshot: Option<String>,
+    },
+}
+
+/// Runs the chosen command against the process environment.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let env = Env::from_process();
+    match cli.command {
+        Command::Restore => restore::run(&env).await,
+        Command::Backup => backup::run(&Config::from_env(&env)?).await,
+        Command::Verify { snapshot } => {
+            verify::run(&Config::from_env(&env)?, snapshot.as_deref()).await
+        }
+    }
+}

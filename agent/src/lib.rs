@@ -1,0 +1,20 @@
+//! The on-host agent of the Matrix OS platform: it restores the customer's
+//! PostgreSQL database at first boot, backs it up to an S3-compatible bucket,
+//! and reports the host's health.
+
+pub mod backup;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod keys;
+pub mod lock;
+pub mod postgres;
+pub mod progress;
+pub mod restore;
+pub mod size;
+pub mod state;
+pub mod store;
+pub mod upload;
+pub mod verify;
+pub mod vps_meta;
