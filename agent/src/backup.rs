@@ -19,7 +19,7 @@ use crate::lock::BackupLock;
 use crate::postgres;
 use crate::progress::Progress;
 use crate::size::{format_bytes, format_duration};
-use crate::state::{BackupFailure, BackupSuccess, StateDir};
+use crate::state::{BackupSuccess, Failure, StateDir};
 use crate::store::{self, FailureKind, ObjectStore, WriteCondition};
 use crate::upload;
 use crate::vps_meta::{self, Ownership, VpsMeta};
@@ -56,7 +56,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
             record.consecutive_failures = 0;
         }
         Err(error) => {
-            record.last_failure = Some(BackupFailure {
+            record.last_failure = Some(Failure {
                 at: Utc::now(),
                 error: format!("{error:#}"),
             });
@@ -232,7 +232,7 @@ async fn check_ownership(
             );
         }
     }
-    let registered = state.registration().is_some();
+    let registered = state.is_registered(&config.machine_id.to_string());
     match vps_meta::ownership(meta.as_ref(), config.machine_id, registered) {
         Ownership::Unclaimed | Ownership::Ours => Ok(()),
         Ownership::NotRegisteredYet { other } => bail!(

@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, Env};
-use crate::{backup, restore, verify};
+use crate::{backup, heartbeat, restore, status, verify};
 
 const ENVIRONMENT_HELP: &str = "\
 Configuration comes from the environment (systemd loads it from the files
@@ -75,6 +75,27 @@ pub enum Command {
         #[arg(long, value_name = "KEY")]
         snapshot: Option<String>,
     },
+
+    /// Run the heartbeat service (systemd Type=notify, with a watchdog).
+    ///
+    /// Waits for the restore gate, registers with the platform once, then
+    /// refreshes lastSyncAt in system/vps-meta.json and writes
+    /// system/host-status.json every MATRIX_HEARTBEAT_INTERVAL (default
+    /// 5m). Serves /healthz, /status and /metrics on MATRIX_STATUS_LISTEN
+    /// (default 127.0.0.1:7781).
+    #[command(after_help = "Examples:\n  systemctl status matrix-heartbeat\n  \
+        curl -s http://127.0.0.1:7781/healthz\n  curl -s http://127.0.0.1:7781/metrics")]
+    Heartbeat,
+
+    /// Show the gate, the last restore and backup, what latest names in the
+    /// bucket, registration and heartbeat, with a health verdict.
+    #[command(after_help = "Examples:\n  matrix-agent status\n  \
+        matrix-agent status --json | jq .health")]
+    Status {
+        /// Print JSON for scripts instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs the chosen command against the process environment.
@@ -86,5 +107,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify { snapshot } => {
             verify::run(&Config::from_env(&env)?, snapshot.as_deref()).await
         }
+        Command::Heartbeat => heartbeat::run(&env).await,
+        Command::Status { json } => status::run(&env, json).await,
     }
 }

@@ -306,6 +306,136 @@ impl Config {
     }
 }
 
+/// Settings only the heartbeat service reads.
+#[derive(Clone, Debug)]
+pub struct HeartbeatSettings {
+    pub register_url: String,
+    /// Needed only until the host has registered.
+    pub registration_token: Option<Secret>,
+    pub register_deadline: Duration,
+    pub interval: Duration,
+    pub backup_interval: Duration,
+    pub status_listen: std::net::SocketAddr,
+    pub instance_data: PathBuf,
+    pub server_id_override: Option<u64>,
+    pub ipv4_override: Option<std::net::Ipv4Addr>,
+    pub ipv6_override: Option<std::net::Ipv6Addr>,
+}
+
+pub const DEFAULT_INSTANCE_DATA: &str = "/run/cloud-init/instance-data.json";
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:7781";
+const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(300);
+const DEFAULT_BACKUP_INTERVAL: Duration = Duration::from_secs(3600);
+const DEFAULT_REGISTER_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
+impl HeartbeatSettings {
+    /// Reads the heartbeat's settings; problems are reported like
+    /// [`Config::from_env`]'s.
+    pub fn from_env(env: &Env) -> Result<HeartbeatSettings, ConfigError> {
+        let mut problems = Problems::default();
+        let register_url = match env.get("MATRIX_PLATFORM_REGISTER_URL") {
+            None => {
+                problems.missing("MATRIX_PLATFORM_REGISTER_URL");
+                String::new()
+            }
+            Some(url) => {
+                if let Err(reason) = validate_endpoint(url) {
+                    problems.invalid("MATRIX_PLATFORM_REGISTER_URL", reason);
+                }
+                url.to_string()
+            }
+        };
+        let duration = |name: &str, default: Duration, problems: &mut Problems| match env.get(name)
+        {
+            None => default,
+            Some(text) => match size::parse_duration(text) {
+                Ok(value) if !value.is_zero() => value,
+                Ok(_) => {
+                    problems.invalid(name, "must be longer than zero");
+                    default
+                }
+                Err(reason) => {
+                    problems.invalid(name, reason);
+                    default
+                }
+            },
+        };
+        let interval = duration(
+            "MATRIX_HEARTBEAT_INTERVAL",
+            DEFAULT_HEARTBEAT_INTERVAL,
+            &mut problems,
+        );
+        let backup_interval = duration(
+            "MATRIX_BACKUP_INTERVAL",
+            DEFAULT_BACKUP_INTERVAL,
+            &mut problems,
+        );
+        let register_deadline = duration(
+            "MATRIX_REGISTER_DEADLINE",
+            DEFAULT_REGISTER_DEADLINE,
+            &mut problems,
+        );
+        let status_listen_text = env
+            .get("MATRIX_STATUS_LISTEN")
+            .unwrap_or(DEFAULT_STATUS_LISTEN);
+        let status_listen = status_listen_text.parse().unwrap_or_else(|_| {
+            problems.invalid(
+                "MATRIX_STATUS_LISTEN",
+                "expected an address and port such as 127.0.0.1:7781",
+            );
+            DEFAULT_STATUS_LISTEN
+                .parse()
+                .expect("the default address is valid")
+        });
+        let server_id_override = env.get("MATRIX_HETZNER_SERVER_ID").and_then(|text| {
+            text.parse::<u64>().ok().filter(|id| *id > 0).or_else(|| {
+                problems.invalid(
+                    "MATRIX_HETZNER_SERVER_ID",
+                    "expected a positive whole number",
+                );
+                None
+            })
+        });
+        let ipv4_override = env.get("MATRIX_PUBLIC_IPV4").and_then(|text| {
+            text.parse().ok().or_else(|| {
+                problems.invalid("MATRIX_PUBLIC_IPV4", "expected an IPv4 address");
+                None
+            })
+        });
+        let ipv6_override = env.get("MATRIX_PUBLIC_IPV6").and_then(|text| {
+            text.parse().ok().or_else(|| {
+                problems.invalid("MATRIX_PUBLIC_IPV6", "expected an IPv6 address");
+                None
+            })
+        });
+        let instance_data = absolute_path(
+            env,
+            "MATRIX_INSTANCE_DATA",
+            DEFAULT_INSTANCE_DATA,
+            &mut problems,
+        );
+        if !problems.0.is_empty() {
+            return Err(ConfigError {
+                problems: problems.0,
+            });
+        }
+        Ok(HeartbeatSettings {
+            register_url,
+            registration_token: env
+                .get("MATRIX_REGISTRATION_TOKEN")
+                .map(|token| Secret::new(token.to_string())),
+            register_deadline,
+            interval,
+            backup_interval,
+            status_listen,
+            instance_data,
+            server_id_override,
+            ipv4_override,
+            ipv6_override,
+        })
+    }
+}
+
 fn absolute_path(env: &Env, name: &str, default: &str, problems: &mut Problems) -> PathBuf {
     let path = PathBuf::from(env.get(name).unwrap_or(default));
     if !path.is_absolute() {
@@ -573,6 +703,44 @@ mod tests {
         assert!(problems(&with(&[("MATRIX_PART_SIZE", "1MiB")])).contains("MATRIX_PART_SIZE"));
         let config = Config::from_env(&with(&[("MATRIX_PART_SIZE", "16MiB")])).unwrap();
         assert_eq!(config.part_size, Some(16 << 20));
+    }
+
+    #[test]
+    fn heartbeat_settings_parse_durations_and_overrides() {
+        let env = Env::from_pairs([
+            (
+                "MATRIX_PLATFORM_REGISTER_URL",
+                "http://127.0.0.1:8080/vps/register",
+            ),
+            ("MATRIX_REGISTRATION_TOKEN", "token-value-4"),
+            ("MATRIX_HEARTBEAT_INTERVAL", "30s"),
+            ("MATRIX_HETZNER_SERVER_ID", "12345678"),
+            ("MATRIX_PUBLIC_IPV6", "2a01:4f8::1"),
+        ]);
+        let settings = HeartbeatSettings::from_env(&env).unwrap();
+        assert_eq!(settings.interval, Duration::from_secs(30));
+        assert_eq!(settings.backup_interval, Duration::from_secs(3600));
+        assert_eq!(settings.server_id_override, Some(12345678));
+        assert!(settings.ipv4_override.is_none());
+        assert!(!format!("{settings:?}").contains("token-value-4"));
+    }
+
+    #[test]
+    fn heartbeat_settings_name_bad_values() {
+        let env = Env::from_pairs([
+            ("MATRIX_HEARTBEAT_INTERVAL", "often"),
+            ("MATRIX_PUBLIC_IPV4", "1.2.3"),
+            ("MATRIX_STATUS_LISTEN", "everywhere"),
+        ]);
+        let message = HeartbeatSettings::from_env(&env).unwrap_err().to_string();
+        for name in [
+            "MATRIX_PLATFORM_REGISTER_URL is not set",
+            "MATRIX_HEARTBEAT_INTERVAL is invalid",
+            "MATRIX_PUBLIC_IPV4 is invalid",
+            "MATRIX_STATUS_LISTEN is invalid",
+        ] {
+            assert!(message.contains(name), "{message}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 const RESTORE_FILE: &str = "restore-result.json";
 const BACKUP_FILE: &str = "last-backup.json";
 const REGISTRATION_FILE: &str = "registration.json";
+const HEARTBEAT_FILE: &str = "heartbeat.json";
 
 /// How the restore gate opened, or why it did not.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -49,7 +50,7 @@ pub struct BackupSuccess {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BackupFailure {
+pub struct Failure {
     pub at: DateTime<Utc>,
     pub error: String,
 }
@@ -57,15 +58,41 @@ pub struct BackupFailure {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BackupRecord {
     pub last_success: Option<BackupSuccess>,
-    pub last_failure: Option<BackupFailure>,
+    pub last_failure: Option<Failure>,
     pub failures_total: u64,
     pub consecutive_failures: u64,
 }
 
+/// Where registration with the platform stands.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistrationState {
+    /// Attempts continue.
+    Pending,
+    Registered,
+    /// The platform refused (400, 401, 404, 409) or the deadline passed;
+    /// no further attempt is made.
+    Rejected,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RegistrationRecord {
-    pub registered_at: DateTime<Utc>,
     pub machine_id: String,
+    pub state: RegistrationState,
+    pub attempts: u32,
+    pub first_attempt_at: DateTime<Utc>,
+    pub last_attempt_at: DateTime<Utc>,
+    pub registered_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HeartbeatRecord {
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_failure: Option<Failure>,
+    pub failures_total: u64,
+    /// The machine that superseded this host, once one did.
+    pub superseded_by: Option<String>,
 }
 
 /// The state directory and the records in it.
@@ -121,8 +148,25 @@ impl StateDir {
         write_json(&self.root.join(BACKUP_FILE), record)
     }
 
-    pub fn registration(&self) -> Option<RegistrationRecord> {
-        read_json(&self.root.join(REGISTRATION_FILE))
+    /// Returns this machine's registration record; one left by another
+    /// machine (a reused disk image) does not count.
+    pub fn registration(&self, machine_id: &str) -> Option<RegistrationRecord> {
+        read_json::<RegistrationRecord>(&self.root.join(REGISTRATION_FILE))
+            .filter(|record| record.machine_id.eq_ignore_ascii_case(machine_id))
+    }
+
+    /// Tells whether this machine registered with the platform.
+    pub fn is_registered(&self, machine_id: &str) -> bool {
+        self.registration(machine_id)
+            .is_some_and(|record| record.state == RegistrationState::Registered)
+    }
+
+    pub fn heartbeat(&self) -> HeartbeatRecord {
+        read_json(&self.root.join(HEARTBEAT_FILE)).unwrap_or_default()
+    }
+
+    pub fn save_heartbeat(&self, record: &HeartbeatRecord) -> anyhow::Result<()> {
+        write_json(&self.root.join(HEARTBEAT_FILE), record)
     }
 
     pub fn save_registration(&self, record: &RegistrationRecord) -> anyhow::Result<()> {

@@ -119,7 +119,10 @@ where
             };
             let detail = match service_error.message() {
                 Some(message) => format!("HTTP {status} {code}: {message}"),
-                None => format!("HTTP {status} {code}"),
+                None => format!(
+                    "HTTP {status} {code}: {}",
+                    DisplayErrorContext(service_error)
+                ),
             };
             StoreError::new(kind, operation, key, detail)
         }
@@ -154,6 +157,14 @@ where
             key,
             DisplayErrorContext(&error).to_string(),
         ),
+    }
+}
+
+/// Shortens an SDK description, which can quote a whole unparsed response.
+fn truncate(text: &str, limit: usize) -> String {
+    match text.char_indices().nth(limit) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
     }
 }
 

@@ -1,0 +1,367 @@
+//! `matrix-agent heartbeat`: the long-running service that registers the
+//! host once, keeps `lastSyncAt` fresh, publishes the host's health, and
+//! serves the local endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use bytes::Bytes;
+use chrono::{SecondsFormat, Utc};
+use sd_notify::NotifyState;
+use serde_json::{json, Value};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{Config, Env, HeartbeatSettings};
+use crate::endpoint::{self, EndpointContext};
+use crate::error::ConfigError;
+use crate::gate::{self, MarkerState};
+use crate::instance;
+use crate::keys;
+use crate::register;
+use crate::state::{Failure, StateDir};
+use crate::status;
+use crate::store::{self, ObjectStore, WriteCondition};
+use crate::vps_meta::{self, Ownership, VpsMeta};
+
+const GATE_POLL: Duration = Duration::from_secs(2);
+/// Attempts of the conditional read-modify-write of the metadata.
+const META_ATTEMPTS: usize = 3;
+
+/// What one heartbeat did.
+#[derive(Debug, PartialEq, Eq)]
+enum Beat {
+    Sent,
+    /// Metadata names the machine being replaced; nothing was written.
+    NotRegisteredYet {
+        other: String,
+    },
+    Superseded {
+        other: String,
+    },
+}
+
+fn notify(states: &[NotifyState]) {
+    // Outside systemd there is no socket, which is not an error.
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::debug!("sd_notify failed: {error}");
+    }
+}
+
+/// Runs the service until SIGTERM or SIGINT.
+pub async fn run(env: &Env) -> anyhow::Result<()> {
+    let (config, settings) = match (Config::from_env(env), HeartbeatSettings::from_env(env)) {
+        (Ok(config), Ok(settings)) => (config, settings),
+        (config, settings) => {
+            let mut problems = Vec::new();
+            for error in [config.err(), settings.err()].into_iter().flatten() {
+                problems.extend(error.problems);
+            }
+            return Err(ConfigError { problems }.into());
+        }
+    };
+    let config = Arc::new(config);
+    let state = StateDir::open(&config.state_dir)?;
+
+    let listener = tokio::net::TcpListener::bind(settings.status_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the status endpoint; set MATRIX_STATUS_LISTEN to a free \
+                 address",
+                settings.status_listen
+            )
+        })?;
+    tracing::info!(
+        "status endpoint listening on http://{}",
+        settings.status_listen
+    );
+    tokio::spawn(endpoint::serve(
+        listener,
+        EndpointContext {
+            config: config.clone(),
+            state: state.clone(),
+            backup_interval: settings.backup_interval,
+        },
+    ));
+
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("waiting for the restore gate"),
+    ]);
+    if let Some(timeout) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(timeout / 2);
+            loop {
+                ticker.tick().await;
+                notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        result = serve_heartbeats(config.clone(), settings, state) => result,
+        _ = terminate.recv() => {
+            notify(&[NotifyState::Stopping]);
+            tracing::info!("heartbeat stopping on SIGTERM");
+            Ok(())
+        }
+        _ = interrupt.recv() => {
+            notify(&[NotifyState::Stopping]);
+            tracing::info!("heartbeat stopping on SIGINT");
+            Ok(())
+        }
+    }
+}
+
+async fn serve_heartbeats(
+    config: Arc<Config>,
+    settings: HeartbeatSettings,
+    state: StateDir,
+) -> anyhow::Result<()> {
+    wait_for_gate(&config).await;
+    let store = store::open(&config.store).await?;
+
+    // The task runs on its own; the heartbeat does not wait for it.
+    let _registration = {
+        let (config, settings, state, store) = (
+            config.clone(),
+            settings.clone(),
+            state.clone(),
+            store.clone(),
+        );
+        tokio::spawn(async move {
+            match register::register_until_done(&config, &settings, &state).await {
+                Ok(true) => {
+                    tracing::warn!(
+                        "the platform could not store vps-meta.json; this host writes it"
+                    );
+                    if let Err(error) = write_own_meta(store.as_ref(), &config, &settings).await {
+                        tracing::error!("cannot write vps-meta.json: {error:#}");
+                    }
+                }
+                Ok(false) => {}
+                Err(error) => tracing::error!("{error:#}"),
+            }
+        })
+    };
+
+    let mut ticker = tokio::time::interval(settings.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = beat(store.as_ref(), &config, &settings, &state).await;
+        let mut record = state.heartbeat();
+        let status_line = match &result {
+            Ok(Beat::Sent) => {
+                record.last_success_at = Some(Utc::now());
+                record.superseded_by = None;
+                tracing::debug!("heartbeat sent");
+                format!(
+                    "heartbeat sent at {}",
+                    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+                )
+            }
+            Ok(Beat::NotRegisteredYet { other }) => {
+                tracing::info!(
+                    "not registered yet; vps-meta.json still names machine {other} and is left \
+                     alone"
+                );
+                "not registered yet".to_string()
+            }
+            Ok(Beat::Superseded { other }) => {
+                if record.superseded_by.as_deref() != Some(other.as_str()) {
+                    tracing::error!(
+                        "superseded: vps-meta.json names machine {other}, a newer replacement; \
+                         this host stops every write to the bucket"
+                    );
+                }
+                record.superseded_by = Some(other.clone());
+                format!("superseded by machine {other}; not writing")
+            }
+            Err(error) => {
+                tracing::warn!("heartbeat failed, retrying at the next tick: {error:#}");
+                record.failures_total += 1;
+                record.last_failure = Some(Failure {
+                    at: Utc::now(),
+                    error: format!("{error:#}"),
+                });
+                "last heartbeat failed; retrying".to_string()
+            }
+        };
+        if let Err(error) = state.save_heartbeat(&record) {
+            tracing::warn!("{error:#}");
+        }
+        notify(&[NotifyState::Status(&status_line)]);
+    }
+}
+
+async fn wait_for_gate(config: &Config) {
+    let mut reported = false;
+    loop {
+        match gate::inspect_marker(&config.restore_marker) {
+            Ok(MarkerState::Present) => return,
+            state => {
+                if !reported {
+                    tracing::info!(
+                        "waiting for the restore gate ({}: {state:?}) before registering",
+                        config.restore_marker.display()
+                    );
+                    reported = true;
+                }
+            }
+        }
+        tokio::time::sleep(GATE_POLL).await;
+    }
+}
+
+/// Sends one heartbeat, following whose metadata it is.
+async fn beat(
+    store: &dyn ObjectStore,
+    config: &Config,
+    settings: &HeartbeatSettings,
+    state: &StateDir,
+) -> anyhow::Result<Beat> {
+    let registered = state.is_registered(&config.machine_id.to_string());
+    let meta_key = config.object_key(keys::VPS_META);
+    for _ in 0..META_ATTEMPTS {
+        let object = store.get(&meta_key).await?;
+        let meta = match &object {
+            None => None,
+            Some(object) => Some(
+                VpsMeta::parse(&object.body).map_err(|reason| anyhow!("{meta_key} {reason}"))?,
+            ),
+        };
+        match vps_meta::ownership(meta.as_ref(), config.machine_id, registered) {
+            Ownership::Superseded { other } => return Ok(Beat::Superseded { other }),
+            Ownership::NotRegisteredYet { other } => return Ok(Beat::NotRegisteredYet { other }),
+            Ownership::Unclaimed if registered => {
+                write_own_meta(store, config, settings).await?;
+            }
+            Ownership::Unclaimed => {}
+            Ownership::Ours => {
+                let (meta, object) = (
+                    meta.expect("ours implies present"),
+                    object.expect("present"),
+                );
+                let etag = object
+                    .info
+                    .etag
+                    .ok_or_else(|| anyhow!("{meta_key} came without an ETag"))?;
+                let mut document = meta.document;
+                document.insert("lastSyncAt".into(), Value::String(now_iso()));
+                let body = Bytes::from(serde_json::to_vec_pretty(&document)?);
+                match store
+                    .put(
+                        &meta_key,
+                        body,
+                        "application/json",
+                        WriteCondition::IfMatch(etag),
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(error) if error.is_precondition_failed() => {
+                        tracing::info!("{meta_key} changed under the heartbeat; reading it again");
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+        write_host_status(store, config, state, settings).await?;
+        return Ok(Beat::Sent);
+    }
+    Err(anyhow!(
+        "{meta_key} kept changing during {META_ATTEMPTS} attempts"
+    ))
+}
+
+fn now_iso() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+async fn write_host_status(
+    store: &dyn ObjectStore,
+    config: &Config,
+    state: &StateDir,
+    settings: &HeartbeatSettings,
+) -> anyhow::Result<()> {
+    let report = status::gather(config, state, settings.backup_interval);
+    let last_backup = report.backup.last_success.as_ref().map(|success| {
+        json!({
+            "key": success.snapshot,
+            "size": success.size,
+            "finishedAt": success.finished_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            "durationSeconds": success.duration_seconds,
+        })
+    });
+    let document = json!({
+        "version": 1,
+        "machineId": config.machine_id.to_string(),
+        "agentVersion": status::AGENT_VERSION,
+        "imageVersion": config.image_version,
+        "heartbeatAt": now_iso(),
+        "healthy": report.health.healthy,
+        "healthReason": report.health.reason,
+        "restore": report.restore.as_ref().map(|record| json!({
+            "outcome": record.outcome,
+            "snapshot": record.snapshot,
+            "finishedAt": record.finished_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+        })),
+        "lastBackup": last_backup,
+        "backupFailuresTotal": report.backup.failures_total,
+    });
+    store
+        .put(
+            &config.object_key(keys::HOST_STATUS),
+            Bytes::from(serde_json::to_vec_pretty(&document)?),
+            "application/json",
+            WriteCondition::Unconditional,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Writes `vps-meta.json` for this machine, as the platform would have:
+/// created if absent, or replacing the previous machine's by a
+/// conditional write.
+async fn write_own_meta(
+    store: &dyn ObjectStore,
+    config: &Config,
+    settings: &HeartbeatSettings,
+) -> anyhow::Result<()> {
+    let identity = instance::resolve(settings)?;
+    let key = config.object_key(keys::VPS_META);
+    let existing = store.get(&key).await?;
+    let now = now_iso();
+    let mut document = serde_json::Map::new();
+    document.insert("version".into(), json!(1));
+    document.insert("userId".into(), json!(config.user_id));
+    document.insert("machineId".into(), json!(config.machine_id.to_string()));
+    document.insert("hetznerServerId".into(), json!(identity.server_id));
+    document.insert("imageVersion".into(), json!(config.image_version));
+    document.insert("status".into(), json!("running"));
+    document.insert("provisionedAt".into(), json!(now));
+    document.insert("lastSyncAt".into(), json!(now));
+    document.insert("publicIPv4".into(), json!(identity.ipv4.to_string()));
+    if let Some(ipv6) = identity.ipv6 {
+        document.insert("publicIPv6".into(), json!(ipv6.to_string()));
+    }
+    let condition = match existing.and_then(|object| object.info.etag) {
+        Some(etag) => WriteCondition::IfMatch(etag),
+        None => WriteCondition::IfAbsent,
+    };
+    store
+        .put(
+            &key,
+            Bytes::from(serde_json::to_vec_pretty(&Value::Object(document))?),
+            "application/json",
+            condition,
+        )
+        .await?;
+    tracing::info!("wrote {key} for machine {}", config.machine_id);
+    Ok(())
+}
