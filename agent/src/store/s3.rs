@@ -121,7 +121,7 @@ where
                 Some(message) => format!("HTTP {status} {code}: {message}"),
                 None => format!(
                     "HTTP {status} {code}: {}",
-                    DisplayErrorContext(service_error)
+                    truncate(&DisplayErrorContext(service_error).to_string(), 300)
                 ),
             };
             StoreError::new(kind, operation, key, detail)
