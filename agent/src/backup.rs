@@ -28,6 +28,9 @@ use crate::vps_meta::{self, Ownership, VpsMeta};
 /// that holds an exclusive lock longer than this fails the hour's backup
 /// rather than blocking it without bound.
 const LOCK_WAIT_TIMEOUT: &str = "15min";
+/// The largest difference between the bucket's clock and this host's that
+/// a backup accepts.
+const MAX_CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 /// How much of pg_dump's error output is kept for the failure message.
 const STDERR_TAIL: usize = 4096;
 /// Attempts to name the snapshot when its minute is taken by another run.
@@ -105,6 +108,7 @@ async fn run_locked(
 
     check_ownership(store.as_ref(), config, state).await?;
     let pointer = read_pointer(store.as_ref(), config).await?;
+    check_clock(store.as_ref())?;
 
     let client = postgres::wait_and_connect(&config.postgres, Duration::from_secs(60)).await?;
     let server = postgres::server_version(&client).await?;
@@ -204,6 +208,30 @@ async fn run_locked(
         duration_seconds: duration.as_secs_f64(),
         pointer_moved,
     })
+}
+
+/// Refuses when the bucket's clock and this host's differ by more than
+/// [`MAX_CLOCK_SKEW`]: snapshot names come from this host's clock, and a
+/// wrong clock could name a snapshot older than the one `latest` holds.
+fn check_clock(store: &dyn ObjectStore) -> anyhow::Result<()> {
+    let Some(offset) = store.clock_offset() else {
+        return Ok(());
+    };
+    if offset.abs() > MAX_CLOCK_SKEW {
+        let direction = if offset > chrono::Duration::zero() {
+            "behind"
+        } else {
+            "ahead of"
+        };
+        bail!(
+            "backup refused: this host's clock is {}s {direction} the bucket's, more than \
+             the {}s allowed, and snapshot names come from this host's clock; fix time \
+             synchronisation (`timedatectl status`) and run the backup again",
+            offset.num_seconds().abs(),
+            MAX_CLOCK_SKEW.num_seconds()
+        );
+    }
+    Ok(())
 }
 
 /// Refuses unless `vps-meta.json` is absent or names this machine.

@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, Env};
+use crate::config::{self, Config, Env};
 use crate::{backup, heartbeat, restore, status, verify};
 
 const ENVIRONMENT_HELP: &str = "\
@@ -25,6 +25,7 @@ under /opt/matrix/env/):
   MATRIX_UPLOAD_CONCURRENCY    parts in flight (default: 4, fewer for large parts)
   MATRIX_PG_WAIT               how long restore waits for PostgreSQL (default: 5m)
   MATRIX_DISK_RESERVE          free disk kept beyond a download (default: 1GiB)
+  MATRIX_ENV_DIR               env files checked for loose modes (default: /opt/matrix/env)
   MATRIX_LOG                   log filter, e.g. debug (default: info)
 
 Exit status: 0 success, 1 failure, 2 bad configuration or usage,
@@ -101,6 +102,10 @@ pub enum Command {
 /// Runs the chosen command against the process environment.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let env = Env::from_process();
+    let env_dir = env.get("MATRIX_ENV_DIR").unwrap_or(config::DEFAULT_ENV_DIR);
+    for problem in config::exposed_env_files(std::path::Path::new(env_dir)) {
+        tracing::warn!("{problem}");
+    }
     match cli.command {
         Command::Restore => restore::run(&env).await,
         Command::Backup => backup::run(&Config::from_env(&env)?).await,

@@ -134,6 +134,34 @@ impl Env {
     }
 }
 
+pub const DEFAULT_ENV_DIR: &str = "/opt/matrix/env";
+
+/// Lists the env files in `dir` whose mode is looser than 0640, the mode
+/// their secrets need: anything other users may read, or anyone but the
+/// owner may write.
+pub fn exposed_env_files(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut exposed: Vec<String> = entries
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "env"))
+        .filter_map(|entry| {
+            let mode = entry.metadata().ok()?.permissions().mode() & 0o777;
+            (mode & 0o027 != 0).then(|| {
+                format!(
+                    "{} has mode {mode:04o}, so other users can read or change the secrets in \
+                     it; run `chmod 0640 {0}` and `chown root:matrix {0}`",
+                    entry.path().display()
+                )
+            })
+        })
+        .collect();
+    exposed.sort();
+    exposed
+}
+
 /// Returns the marker path alone, so that `restore` can honour an existing
 /// marker even when the rest of the configuration is broken.
 pub fn restore_marker_path(env: &Env) -> PathBuf {
@@ -741,6 +769,26 @@ mod tests {
         ] {
             assert!(message.contains(name), "{message}");
         }
+    }
+
+    #[test]
+    fn loose_env_files_are_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("env-mode-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let strict = dir.join("r2.env");
+        let loose = dir.join("postgres.env");
+        for (path, mode) in [(&strict, 0o640), (&loose, 0o644)] {
+            std::fs::write(path, "SECRET=value\n").unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let exposed = exposed_env_files(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(exposed.len(), 1, "{exposed:?}");
+        assert!(
+            exposed[0].contains("postgres.env has mode 0644"),
+            "{exposed:?}"
+        );
     }
 
     #[test]

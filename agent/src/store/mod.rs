@@ -148,6 +148,12 @@ pub trait ObjectStore: Send + Sync {
     /// Describes the store for logs, without credentials.
     fn describe(&self) -> String;
 
+    /// Returns how far the store's clock is ahead of this host's, as of the
+    /// last response, when the store has a clock of its own.
+    fn clock_offset(&self) -> Option<chrono::Duration> {
+        None
+    }
+
     /// Reads a small object whole; `Ok(None)` only on a definite not-found.
     async fn get(&self, key: &str) -> Result<Option<Object>, StoreError>;
 

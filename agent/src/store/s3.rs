@@ -1,12 +1,14 @@
 //! The S3-compatible bucket, configured for Cloudflare R2.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
 use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-    StalledStreamProtectionConfig,
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation, RuntimeComponents, StalledStreamProtectionConfig,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -39,6 +41,38 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     endpoint: String,
+    clock: ServerClock,
+}
+
+/// Records how far the bucket's clock (the `Date` header of the last
+/// response) is ahead of this host's.
+#[derive(Clone, Debug, Default)]
+struct ServerClock {
+    offset: Arc<Mutex<Option<chrono::Duration>>>,
+}
+
+impl Intercept for ServerClock {
+    fn name(&self) -> &'static str {
+        "ServerClock"
+    }
+
+    fn read_after_transmit(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let server_time = context
+            .response()
+            .headers()
+            .get("date")
+            .and_then(|date| DateTime::parse_from_rfc2822(date).ok());
+        if let Some(server_time) = server_time {
+            let offset = server_time.with_timezone(&Utc) - Utc::now();
+            *self.offset.lock().unwrap_or_else(|e| e.into_inner()) = Some(offset);
+        }
+        Ok(())
+    }
 }
 
 impl S3Store {
@@ -71,6 +105,7 @@ impl S3Store {
         let stall = StalledStreamProtectionConfig::enabled()
             .grace_period(STALL_GRACE)
             .build();
+        let clock = ServerClock::default();
         let sdk_config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))
@@ -84,11 +119,13 @@ impl S3Store {
             .timeout_config(timeouts)
             .retry_config(retries)
             .stalled_stream_protection(stall)
+            .interceptor(clock.clone())
             .build();
         S3Store {
             client: Client::from_conf(sdk_config),
             bucket: config.bucket.clone(),
             endpoint: config.endpoint.clone(),
+            clock,
         }
     }
 }
@@ -185,6 +222,10 @@ fn to_utc(time: &aws_smithy_types::DateTime) -> Option<DateTime<Utc>> {
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
         format!("bucket {} at {}", self.bucket, self.endpoint)
+    }
+
+    fn clock_offset(&self) -> Option<chrono::Duration> {
+        *self.clock.offset.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn get(&self, key: &str) -> Result<Option<Object>, StoreError> {
