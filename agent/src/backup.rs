@@ -439,12 +439,16 @@ async fn dump_and_upload(
     part_size: u64,
     in_flight: usize,
 ) -> anyhow::Result<upload::StreamedObject> {
-    let mut child = Command::new(pg_dump)
-        .args([
-            "--format=custom",
-            "--no-password",
-            &format!("--lock-wait-timeout={LOCK_WAIT_TIMEOUT}"),
-        ])
+    let mut command = Command::new(pg_dump);
+    command.args([
+        "--format=custom",
+        "--no-password",
+        &format!("--lock-wait-timeout={LOCK_WAIT_TIMEOUT}"),
+    ]);
+    if let Some(level) = config.dump_compression {
+        command.arg(format!("--compress={level}"));
+    }
+    let mut child = command
         .env_clear()
         .envs(postgres::tool_env(&config.postgres))
         .stdin(Stdio::null())

@@ -89,6 +89,10 @@ pub struct Config {
     pub upload_concurrency: usize,
     pub pg_wait: Duration,
     pub disk_reserve: u64,
+    /// pg_dump's `--compress` level, 0 to 9; pg_dump's own default when unset.
+    pub dump_compression: Option<u8>,
+    /// pg_restore's `--jobs`; the number of CPUs, at most 4, when unset.
+    pub restore_jobs: Option<u32>,
 }
 
 /// Environment variables as a map, so that tests need not touch the
@@ -288,6 +292,25 @@ impl Config {
             }),
         };
 
+        let dump_compression = env.get("MATRIX_DUMP_COMPRESSION").and_then(|text| {
+            text.parse::<u8>()
+                .ok()
+                .filter(|level| *level <= 9)
+                .or_else(|| {
+                    problems.invalid("MATRIX_DUMP_COMPRESSION", "expected a level from 0 to 9");
+                    None
+                })
+        });
+        let restore_jobs = env.get("MATRIX_RESTORE_JOBS").and_then(|text| {
+            text.parse::<u32>()
+                .ok()
+                .filter(|jobs| (1..=64).contains(jobs))
+                .or_else(|| {
+                    problems.invalid("MATRIX_RESTORE_JOBS", "expected a number from 1 to 64");
+                    None
+                })
+        });
+
         let state_dir = absolute_path(env, "MATRIX_STATE_DIR", DEFAULT_STATE_DIR, &mut problems);
         let restore_marker = absolute_path(
             env,
@@ -320,6 +343,8 @@ impl Config {
                     upload_concurrency,
                     pg_wait,
                     disk_reserve,
+                    dump_compression,
+                    restore_jobs,
                 })
             }
             _ => Err(ConfigError {

@@ -380,9 +380,14 @@ async fn check_archive(pg_restore: &PgTool, file: &Path, config: &Config) -> any
 }
 
 async fn run_pg_restore(pg_restore: &PgTool, file: &Path, config: &Config) -> anyhow::Result<()> {
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get().min(4))
-        .unwrap_or(1);
+    let jobs = config
+        .restore_jobs
+        .map(|jobs| jobs as usize)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get().min(4))
+                .unwrap_or(1)
+        });
     tracing::info!(
         "restoring into {} with {} ({jobs} jobs)",
         postgres::describe(&config.postgres),
