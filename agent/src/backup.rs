@@ -168,9 +168,7 @@ async fn run_locked(
         &staging,
         snapshot,
         streamed.size,
-        part_size,
         &metadata,
-        in_flight,
     )
     .await;
     if let Err(error) = store.delete(&staging).await {
@@ -532,21 +530,22 @@ fn last_lines(text: &str, count: usize) -> String {
 /// created only if absent; when another run took the minute, takes the
 /// next free one. A retried request whose first attempt succeeded is
 /// recognised by the upload token in the metadata.
-#[allow(clippy::too_many_arguments)]
+///
+/// The copy is what lets the snapshot carry the SHA-256 as metadata, which
+/// S3 fixes when an upload starts, before the hash is known. It runs inside
+/// the store, in parts of [`upload::COPY_PART_SIZE`], so a dump of up to
+/// 5 GiB costs three requests.
 async fn publish_snapshot(
     store: &dyn ObjectStore,
     config: &Config,
     staging: &str,
     mut snapshot: SnapshotKey,
     size: u64,
-    part_size: u64,
     metadata: &HashMap<String, String>,
-    in_flight: usize,
 ) -> anyhow::Result<SnapshotKey> {
     for _ in 0..NAME_ATTEMPTS {
         let key = config.object_key(&snapshot.key());
-        match upload::copy_object(store, staging, &key, size, part_size, metadata, in_flight).await
-        {
+        match upload::copy_object(store, staging, &key, size, metadata).await {
             Ok(()) => return Ok(snapshot),
             Err(error) if error.is_precondition_failed() => {
                 let existing = store.head(&key).await?;

@@ -22,6 +22,10 @@ pub const MIN_PART_SIZE: u64 = 5 << 20;
 pub const DEFAULT_PART_SIZE: u64 = 8 << 20;
 /// The most parts one upload may have.
 pub const MAX_PARTS: u64 = 10_000;
+/// The largest part S3 accepts, used for server-side copies: the fewer the
+/// parts, the fewer requests, and no bytes pass through this host.
+pub const COPY_PART_SIZE: u64 = 5 << 30;
+const COPIES_IN_FLIGHT: usize = 2;
 /// Memory for part buffers; the number of parts in flight shrinks as the
 /// part size grows so the agent's footprint stays flat.
 pub const PART_MEMORY_BUDGET: u64 = 32 << 20;
@@ -137,18 +141,18 @@ where
     })
 }
 
-/// Copies `source` to `target` server-side, part by part with the same part
-/// size, giving the copy `metadata`. The copy is created only if `target`
-/// does not exist; on any failure the copy's upload is aborted.
+/// Copies `source` to `target` server-side in parts of [`COPY_PART_SIZE`]
+/// (every part but the last the same size, as R2 requires), giving the
+/// copy `metadata`. The copy is created only if `target` does not exist;
+/// on any failure the copy's upload is aborted.
 pub async fn copy_object(
     store: &dyn ObjectStore,
     source: &str,
     target: &str,
     size: u64,
-    part_size: u64,
     metadata: &HashMap<String, String>,
-    in_flight: usize,
 ) -> Result<(), StoreError> {
+    let part_size = COPY_PART_SIZE;
     let upload_id = store.create_multipart(target, metadata).await?;
     let ranges: Vec<(i32, u64, u64)> = (0..size)
         .step_by(part_size as usize)
@@ -168,7 +172,7 @@ pub async fn copy_object(
                 Ok(CompletedPart { number, etag })
             }
         })
-        .buffered(in_flight.max(1))
+        .buffered(COPIES_IN_FLIGHT)
         .try_collect()
         .await;
     let result = match copied {
