@@ -110,7 +110,7 @@ async fn run_locked(
     let pointer = read_pointer(store.as_ref(), config).await?;
     check_clock(store.as_ref())?;
 
-    let client = postgres::wait_and_connect(&config.postgres, Duration::from_secs(60)).await?;
+    let client = postgres::wait_and_connect(&config.postgres, config.pg_wait).await?;
     let server = postgres::server_version(&client).await?;
     let database_size = postgres::database_size(&client).await?;
     drop(client);

@@ -25,7 +25,7 @@ under /opt/matrix/env/):
   MATRIX_UPLOAD_CONCURRENCY    parts in flight (default: 4, fewer for large parts)
   MATRIX_DUMP_COMPRESSION      pg_dump --compress level 0-9 (default: pg_dump's)
   MATRIX_RESTORE_JOBS          pg_restore --jobs (default: CPUs, at most 4)
-  MATRIX_PG_WAIT               how long restore waits for PostgreSQL (default: 5m)
+  MATRIX_PG_WAIT               how long to wait for PostgreSQL to start (default: 5m)
   MATRIX_DISK_RESERVE          free disk kept beyond a download (default: 1GiB)
   MATRIX_ENV_DIR               env files checked for loose modes (default: /opt/matrix/env)
   MATRIX_LOG                   log filter, e.g. debug (default: info)

@@ -135,7 +135,11 @@ async fn restore(config: &Config, state: &StateDir, started: Instant) -> anyhow:
 
     let marker_content = serde_json::to_string(&record)? + "\n";
     gate::write_marker(&config.restore_marker, &marker_content)?;
-    state.save_restore(&record)?;
+    // The gate is open now; a record that cannot be written only costs the
+    // status report its detail.
+    if let Err(error) = state.save_restore(&record) {
+        tracing::warn!("{error:#}");
+    }
     tracing::info!(
         "restore gate open ({}) after {}",
         config.restore_marker.display(),
