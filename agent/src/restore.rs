@@ -12,6 +12,7 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
+use tokio_postgres::Client;
 
 use crate::config::{self, Config, Env};
 use crate::gate::{self, MarkerState, RestoreDecision};
@@ -112,8 +113,15 @@ async fn restore(config: &Config, state: &StateDir, started: Instant) -> anyhow:
         }
         RestoreDecision::Restore(snapshot) => {
             let server = postgres::server_version(&client).await?;
-            let restored =
-                restore_snapshot(store.as_ref(), config, state, &snapshot, server.major).await?;
+            let restored = restore_snapshot(
+                store.as_ref(),
+                config,
+                state,
+                &snapshot,
+                server.major,
+                &client,
+            )
+            .await?;
             tracing::info!("running ANALYZE so the planner has statistics");
             client
                 // A non-superuser owner cannot analyze shared catalogs; the
@@ -173,6 +181,7 @@ async fn restore_snapshot(
     state: &StateDir,
     snapshot: &SnapshotKey,
     server_major: u32,
+    client: &Client,
 ) -> anyhow::Result<Restored> {
     let key = config.object_key(&snapshot.key());
     let info = store
@@ -218,7 +227,8 @@ async fn restore_snapshot(
             ),
         }
         check_archive(&pg_restore, &file, config).await?;
-        run_pg_restore(&pg_restore, &file, config).await?;
+        let mode = prepare_target(client, config).await?;
+        run_pg_restore(&pg_restore, &file, config, mode).await?;
         Ok(Restored {
             size: info.size,
             sha256,
@@ -383,7 +393,63 @@ async fn check_archive(pg_restore: &PgTool, file: &Path, config: &Config) -> any
     )
 }
 
-async fn run_pg_restore(pg_restore: &PgTool, file: &Path, config: &Config) -> anyhow::Result<()> {
+/// How pg_restore treats what the database already holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TargetMode {
+    /// The database was emptied first; restore into it as it is.
+    Emptied,
+    /// Drop each object just before recreating it (`--clean --if-exists`).
+    CleanInPlace,
+}
+
+/// Empties the database before the restore by dropping everything the
+/// connecting role owns in it. A second restore, after one that failed half
+/// way, then starts from the same state as the first. pg_restore's own
+/// `--clean` cannot do this: pg_restore 15 drops a partition's primary key
+/// before its parent's, which the server rejects.
+///
+/// A superuser owns the system catalogs, so for one the agent falls back to
+/// `--clean`, with that limit.
+async fn prepare_target(client: &Client, config: &Config) -> anyhow::Result<TargetMode> {
+    let row = client
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|error| anyhow!("cannot read the role: {}", postgres::error_summary(&error)))?;
+    let superuser: bool = row.get(0);
+    if superuser {
+        tracing::warn!(
+            "POSTGRES_USER {} is a superuser, so the database cannot be emptied by owner; \
+             restoring with --clean, which fails on partitioned tables with keys",
+            config.postgres.user
+        );
+        return Ok(TargetMode::CleanInPlace);
+    }
+    tracing::info!(
+        "emptying database {}: dropping everything {} owns in it",
+        config.postgres.database,
+        config.postgres.user
+    );
+    client
+        .batch_execute("SET client_min_messages TO warning; DROP OWNED BY CURRENT_USER CASCADE")
+        .await
+        .map_err(|error| {
+            anyhow!(
+                "cannot empty the database before the restore: {}; the gate stays shut",
+                postgres::error_summary(&error)
+            )
+        })?;
+    Ok(TargetMode::Emptied)
+}
+
+async fn run_pg_restore(
+    pg_restore: &PgTool,
+    file: &Path,
+    config: &Config,
+    mode: TargetMode,
+) -> anyhow::Result<()> {
     let jobs = config
         .restore_jobs
         .map(|jobs| jobs as usize)
@@ -398,10 +464,12 @@ async fn run_pg_restore(pg_restore: &PgTool, file: &Path, config: &Config) -> an
         pg_restore.path.display()
     );
     let started = Instant::now();
-    let output = Command::new(&pg_restore.path)
+    let mut command = Command::new(&pg_restore.path);
+    if mode == TargetMode::CleanInPlace {
+        command.args(["--clean", "--if-exists"]);
+    }
+    let output = command
         .args([
-            "--clean",
-            "--if-exists",
             "--exit-on-error",
             "--no-password",
             &format!("--jobs={jobs}"),

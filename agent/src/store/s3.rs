@@ -10,7 +10,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
     ResponseChecksumValidation, RuntimeComponents, StalledStreamProtectionConfig,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkCompletedPart};
 use aws_sdk_s3::Client;
@@ -156,45 +156,41 @@ where
             };
             let detail = match service_error.message() {
                 Some(message) => format!("HTTP {status} {code}: {message}"),
-                None => format!(
-                    "HTTP {status} {code}: {}",
-                    truncate(&DisplayErrorContext(service_error).to_string(), 300)
-                ),
+                None => format!("HTTP {status} {code}: {}", cause_chain(service_error)),
             };
             StoreError::new(kind, operation, key, detail)
         }
-        SdkError::TimeoutError(_) => StoreError::new(
-            FailureKind::Timeout,
-            operation,
-            key,
-            DisplayErrorContext(&error).to_string(),
-        ),
+        SdkError::TimeoutError(_) => {
+            StoreError::new(FailureKind::Timeout, operation, key, cause_chain(&error))
+        }
         SdkError::DispatchFailure(failure) => {
             let kind = if failure.is_timeout() {
                 FailureKind::Timeout
             } else {
                 FailureKind::Network
             };
-            StoreError::new(
-                kind,
-                operation,
-                key,
-                DisplayErrorContext(&error).to_string(),
-            )
+            StoreError::new(kind, operation, key, cause_chain(&error))
         }
-        SdkError::ResponseError(_) => StoreError::new(
-            FailureKind::Network,
-            operation,
-            key,
-            DisplayErrorContext(&error).to_string(),
-        ),
-        _ => StoreError::new(
-            FailureKind::Other,
-            operation,
-            key,
-            DisplayErrorContext(&error).to_string(),
-        ),
+        SdkError::ResponseError(_) => {
+            StoreError::new(FailureKind::Network, operation, key, cause_chain(&error))
+        }
+        _ => StoreError::new(FailureKind::Other, operation, key, cause_chain(&error)),
     }
+}
+
+/// Describes an error by its chain of causes, each once, without the
+/// Debug dumps that the SDK's `DisplayErrorContext` appends.
+fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current = Some(error);
+    while let Some(error) = current {
+        let text = error.to_string();
+        if !text.is_empty() && !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        current = error.source();
+    }
+    truncate(&parts.join(": "), 300)
 }
 
 /// Shortens an SDK description, which can quote a whole unparsed response.
@@ -314,7 +310,7 @@ impl ObjectStore for S3Store {
                             FailureKind::Network,
                             "GET body",
                             &key,
-                            DisplayErrorContext(&error).to_string(),
+                            cause_chain(&error),
                         )),
                         None,
                     )),
