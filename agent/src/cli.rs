@@ -27,6 +27,11 @@ under /opt/matrix/env/):
   MATRIX_RESTORE_JOBS          pg_restore --jobs (default: CPUs, at most 4)
   MATRIX_PG_WAIT               how long to wait for PostgreSQL to start (default: 5m)
   MATRIX_DISK_RESERVE          free disk kept beyond a download (default: 1GiB)
+  MATRIX_S3_CONNECT_TIMEOUT    default: 10s
+  MATRIX_S3_READ_TIMEOUT       time to a response's first byte (default: 60s)
+  MATRIX_S3_ATTEMPT_TIMEOUT    one attempt of one request (default: 3m)
+  MATRIX_S3_MAX_ATTEMPTS       attempts per request (default: 5)
+  MATRIX_S3_STALL_GRACE        a download idle this long is resumed (default: 30s)
   MATRIX_ENV_DIR               env files checked for loose modes (default: /opt/matrix/env)
   MATRIX_LOG                   log filter, e.g. debug (default: info)
 

@@ -51,6 +51,33 @@ pub enum StoreConfig {
     Local { root: PathBuf },
 }
 
+/// Limits on each request to the bucket.
+#[derive(Clone, Debug)]
+pub struct S3Timeouts {
+    pub connect: Duration,
+    /// Time to the first byte of a response.
+    pub read: Duration,
+    /// One attempt of one request, body included.
+    pub attempt: Duration,
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// A download that moves no byte for this long is cut and resumed.
+    pub stall_grace: Duration,
+}
+
+impl Default for S3Timeouts {
+    fn default() -> S3Timeouts {
+        S3Timeouts {
+            connect: Duration::from_secs(10),
+            read: Duration::from_secs(60),
+            // An 8 MiB part at 64 KiB/s still fits.
+            attempt: Duration::from_secs(180),
+            max_attempts: 5,
+            stall_grace: Duration::from_secs(30),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct S3Config {
     pub bucket: String,
@@ -59,6 +86,7 @@ pub struct S3Config {
     pub access_key_id: Secret,
     pub secret_access_key: Secret,
     pub session_token: Option<Secret>,
+    pub timeouts: S3Timeouts,
 }
 
 /// How to reach the customer's database.
@@ -547,6 +575,7 @@ fn read_s3(env: &Env, problems: &mut Problems) -> Option<S3Config> {
         problems.missing("AWS_SECRET_ACCESS_KEY");
     }
     let region = env.get("AWS_DEFAULT_REGION").unwrap_or("auto").to_string();
+    let timeouts = read_s3_timeouts(env, problems);
 
     Some(S3Config {
         bucket: bucket?,
@@ -557,7 +586,47 @@ fn read_s3(env: &Env, problems: &mut Problems) -> Option<S3Config> {
         session_token: env
             .get("AWS_SESSION_TOKEN")
             .map(|token| Secret::new(token.to_string())),
+        timeouts,
     })
+}
+
+fn read_s3_timeouts(env: &Env, problems: &mut Problems) -> S3Timeouts {
+    let defaults = S3Timeouts::default();
+    let mut duration = |name: &str, default: Duration| match env.get(name) {
+        None => default,
+        Some(text) => match size::parse_duration(text) {
+            Ok(value) if !value.is_zero() => value,
+            Ok(_) => {
+                problems.invalid(name, "must be longer than zero");
+                default
+            }
+            Err(reason) => {
+                problems.invalid(name, reason);
+                default
+            }
+        },
+    };
+    let connect = duration("MATRIX_S3_CONNECT_TIMEOUT", defaults.connect);
+    let read = duration("MATRIX_S3_READ_TIMEOUT", defaults.read);
+    let attempt = duration("MATRIX_S3_ATTEMPT_TIMEOUT", defaults.attempt);
+    let stall_grace = duration("MATRIX_S3_STALL_GRACE", defaults.stall_grace);
+    let max_attempts = match env.get("MATRIX_S3_MAX_ATTEMPTS") {
+        None => defaults.max_attempts,
+        Some(text) => match text.parse::<u32>() {
+            Ok(attempts) if (1..=20).contains(&attempts) => attempts,
+            _ => {
+                problems.invalid("MATRIX_S3_MAX_ATTEMPTS", "expected a number from 1 to 20");
+                defaults.max_attempts
+            }
+        },
+    };
+    S3Timeouts {
+        connect,
+        read,
+        attempt,
+        max_attempts,
+        stall_grace,
+    }
 }
 
 fn read_postgres(env: &Env, problems: &mut Problems) -> Option<PostgresConfig> {

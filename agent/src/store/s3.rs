@@ -26,16 +26,6 @@ use super::{
 };
 use crate::config::S3Config;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time to the first byte of a response.
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// One attempt of one request, body included: an 8 MiB part at 64 KiB/s
-/// still fits.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(180);
-const MAX_ATTEMPTS: u32 = 5;
-/// A download that moves no byte for this long is cut and resumed.
-const STALL_GRACE: Duration = Duration::from_secs(30);
-
 /// A bucket reached through the AWS SDK with R2's restrictions applied.
 pub struct S3Store {
     client: Client,
@@ -90,12 +80,12 @@ impl S3Store {
             "matrix-agent-environment",
         );
         let timeouts = TimeoutConfig::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
-            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+            .connect_timeout(config.timeouts.connect)
+            .read_timeout(config.timeouts.read)
+            .operation_attempt_timeout(config.timeouts.attempt)
             .build();
         let retries = RetryConfig::standard()
-            .with_max_attempts(MAX_ATTEMPTS)
+            .with_max_attempts(config.timeouts.max_attempts)
             .with_initial_backoff(Duration::from_millis(500))
             .with_max_backoff(Duration::from_secs(20));
         // Part bodies are whole in memory before a request starts, so a
@@ -103,7 +93,7 @@ impl S3Store {
         // a request body; stall protection therefore cannot cut a healthy
         // upload, and on downloads it turns a dead connection into a resume.
         let stall = StalledStreamProtectionConfig::enabled()
-            .grace_period(STALL_GRACE)
+            .grace_period(config.timeouts.stall_grace)
             .build();
         let clock = ServerClock::default();
         let sdk_config = aws_sdk_s3::Config::builder()
