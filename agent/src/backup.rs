@@ -13,6 +13,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use crate::config::Config;
+use crate::fencing;
 use crate::gate::{self, MarkerState};
 use crate::keys::{self, LatestPointer, SnapshotKey};
 use crate::lock::BackupLock;
@@ -22,7 +23,6 @@ use crate::size::{format_bytes, format_duration};
 use crate::state::{BackupSuccess, Failure, StateDir};
 use crate::store::{self, FailureKind, ObjectStore, WriteCondition};
 use crate::upload;
-use crate::vps_meta::{self, Ownership, VpsMeta};
 
 /// How long pg_dump waits for a table lock before it gives up; a migration
 /// that holds an exclusive lock longer than this fails the hour's backup
@@ -106,7 +106,7 @@ async fn run_locked(
         config.prefix
     );
 
-    check_ownership(store.as_ref(), config, state).await?;
+    fencing::require_ownership(store.as_ref(), config, state, "backup").await?;
     let pointer = read_pointer(store.as_ref(), config).await?;
     check_clock(store.as_ref())?;
 
@@ -185,7 +185,7 @@ async fn run_locked(
     .await?;
 
     // Fencing: a replacement may have registered while this host dumped.
-    check_ownership(store.as_ref(), config, state).await?;
+    fencing::require_ownership(store.as_ref(), config, state, "backup").await?;
     let pointer_moved = move_pointer(store.as_ref(), config, pointer, &snapshot).await?;
 
     let duration = started.elapsed();
@@ -230,48 +230,6 @@ fn check_clock(store: &dyn ObjectStore) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Refuses unless `vps-meta.json` is absent or names this machine.
-async fn check_ownership(
-    store: &dyn ObjectStore,
-    config: &Config,
-    state: &StateDir,
-) -> anyhow::Result<()> {
-    let key = config.object_key(keys::VPS_META);
-    let object = store
-        .get(&key)
-        .await
-        .with_context(|| "backup refused: cannot read the machine metadata")?;
-    let meta = match object {
-        None => None,
-        Some(object) => Some(VpsMeta::parse(&object.body).map_err(|reason| {
-            anyhow!("backup refused: {key} {reason}; the platform must rewrite it")
-        })?),
-    };
-    if let Some(user_id) = meta.as_ref().and_then(VpsMeta::user_id) {
-        if user_id != config.user_id {
-            bail!(
-                "backup refused: {key} belongs to user {user_id}, not {}; check \
-                 MATRIX_R2_PREFIX and MATRIX_CLERK_USER_ID",
-                config.user_id
-            );
-        }
-    }
-    let registered = state.is_registered(&config.machine_id.to_string());
-    match vps_meta::ownership(meta.as_ref(), config.machine_id, registered) {
-        Ownership::Unclaimed | Ownership::Ours => Ok(()),
-        Ownership::NotRegisteredYet { other } => bail!(
-            "backup refused: not registered yet; {key} still names machine {other}, not \
-             this machine {}; the next run tries again after `matrix-heartbeat` registers",
-            config.machine_id
-        ),
-        Ownership::Superseded { other } => bail!(
-            "backup refused: this host is superseded; {key} names machine {other}, a newer \
-             replacement, and this host {} must not write to the bucket again",
-            config.machine_id
-        ),
-    }
 }
 
 async fn read_pointer(store: &dyn ObjectStore, config: &Config) -> anyhow::Result<PointerSeen> {

@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, Env};
+use crate::error::ConfigError;
+use crate::prune::{self, RetentionPolicy};
 use crate::{backup, heartbeat, restore, status, verify};
 
 const ENVIRONMENT_HELP: &str = "\
@@ -84,6 +86,33 @@ pub enum Command {
         snapshot: Option<String>,
     },
 
+    /// Delete old snapshots by a retention policy (opt-in).
+    ///
+    /// Keeps the newest --keep-last snapshots and the newest of each of the
+    /// last --keep-hourly hours, --keep-daily days, --keep-weekly ISO weeks
+    /// and --keep-monthly months. Never deletes the snapshot
+    /// system/db/latest names, nor the newest one, and deletes at most 100
+    /// a run. At least one --keep-* option is required.
+    #[command(
+        after_help = "Examples:\n  matrix-agent prune --keep-last 48 --keep-daily 14 \
+        --keep-weekly 8 --dry-run\n  matrix-agent prune --keep-last 48 --keep-daily 14"
+    )]
+    Prune {
+        #[arg(long, value_name = "N")]
+        keep_last: Option<usize>,
+        #[arg(long, value_name = "N")]
+        keep_hourly: Option<usize>,
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<usize>,
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<usize>,
+        #[arg(long, value_name = "N")]
+        keep_monthly: Option<usize>,
+        /// List what would be deleted and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+
     /// Run the heartbeat service (systemd Type=notify, with a watchdog).
     ///
     /// Waits for the restore gate, registers with the platform once, then
@@ -118,6 +147,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup => backup::run(&Config::from_env(&env)?).await,
         Command::Verify { snapshot } => {
             verify::run(&Config::from_env(&env)?, snapshot.as_deref()).await
+        }
+        Command::Prune {
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            dry_run,
+        } => {
+            let given = [
+                keep_last,
+                keep_hourly,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+            ];
+            if given.iter().all(Option::is_none) {
+                return Err(ConfigError {
+                    problems: vec!["prune needs a policy: give at least one of --keep-last, \
+                         --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly"
+                        .to_string()],
+                }
+                .into());
+            }
+            let policy = RetentionPolicy {
+                keep_last: keep_last.unwrap_or(1),
+                keep_hourly: keep_hourly.unwrap_or(0),
+                keep_daily: keep_daily.unwrap_or(0),
+                keep_weekly: keep_weekly.unwrap_or(0),
+                keep_monthly: keep_monthly.unwrap_or(0),
+            };
+            prune::run(&Config::from_env(&env)?, &policy, dry_run).await
         }
         Command::Heartbeat => heartbeat::run(&env).await,
         Command::Status { json } => status::run(&env, json).await,
