@@ -174,6 +174,11 @@ pub struct RunningAgent {
 }
 
 impl RunningAgent {
+    /// Returns the process id, for sending the agent a signal.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for the run to end, kills it after the run timeout, and
     /// checks that its output contains no secret.
     pub fn wait(mut self) -> AgentRun {

@@ -11,6 +11,7 @@ use crate::agent::{
     Agent, AgentRun, ACCESS_KEY_ID, DATABASE_PASSWORD, SECRET_ACCESS_KEY, SESSION_TOKEN,
 };
 use crate::bucket::{Bucket, LATEST, VPS_META};
+use crate::fault_proxy::{s3_flavour, FaultProxy, ProxyMode};
 use crate::fixtures;
 use crate::moto::MotoServer;
 use crate::postgres::{Cluster, DATABASE, OWNER};
@@ -29,8 +30,12 @@ pub fn user_prefix() -> String {
 /// An S3 server holding the customer's bucket, shared by the hosts of one
 /// test (an old host and its replacement, say).
 pub struct ObjectStore {
-    // Declared first so that the client goes before its server.
+    // Declared first so that the client and the proxy go before their
+    // server.
     pub bucket: Bucket,
+    /// The proxy the agent reaches the bucket through, when there is one;
+    /// the test's own client always talks to moto directly.
+    pub proxy: Option<FaultProxy>,
     pub server: MotoServer,
 }
 
@@ -48,7 +53,23 @@ impl ObjectStore {
 
     fn with_server(server: MotoServer) -> ObjectStore {
         let bucket = Bucket::create(&server.endpoint(), BUCKET_NAME, &user_prefix());
-        ObjectStore { bucket, server }
+        let proxy = match s3_flavour() {
+            ProxyMode::Plain => None,
+            ProxyMode::R2 => Some(FaultProxy::start(&server.endpoint(), ProxyMode::R2)),
+        };
+        ObjectStore {
+            bucket,
+            proxy,
+            server,
+        }
+    }
+
+    /// Returns the endpoint the agent uses: the proxy's when there is one.
+    pub fn agent_endpoint(&self) -> String {
+        match &self.proxy {
+            Some(proxy) => proxy.endpoint(),
+            None => self.bucket.endpoint().to_owned(),
+        }
     }
 
     /// Writes `system/vps-meta.json` naming `machine_id`, as the platform
@@ -86,7 +107,7 @@ impl Host {
         let host = Host {
             cluster: Cluster::start(DATABASE_PASSWORD),
             machine_id: uuid::Uuid::new_v4().to_string(),
-            endpoint: store.bucket.endpoint().to_owned(),
+            endpoint: store.agent_endpoint(),
             dir,
         };
         fs::create_dir_all(host.state_dir()).expect("creating the state directory");
