@@ -4,14 +4,14 @@
 # `make help` prints.
 
 CARGO ?= cargo
-SHELL_SCRIPTS := $(wildcard scripts/*.sh) .ci/run
+SHELL_SCRIPTS := $(wildcard scripts/*.sh bundle/*.sh e2e/*.sh e2e/lib/*.sh bench/*.sh) .ci/run
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build test demo lint clean
+.PHONY: help deps build test demo bundle e2e bench lint clean
 
 help: ## List the targets
 	@awk 'BEGIN { FS = ":.*## " } \
-		/^[a-z][a-z-]*:.*## / { printf "  make %-8s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+		/^[a-z][a-z0-9-]*:.*## / { printf "  make %-8s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 deps: ## Install PostgreSQL and moto_server when missing, check for cargo
 	bash scripts/install-deps.sh
@@ -41,6 +41,17 @@ test: deps ## Install deps, then run all tests, rustfmt and clippy
 demo: deps ## Back up, wipe and restore a sample database with the agent
 	$(CARGO) build -p matrix-agent
 	bash scripts/demo.sh
+
+bundle: ## Build dist/matrix-host-bundle.tar.gz and its .sha256 (reproducible)
+	sh scripts/bundle.sh
+
+# e2e/run.sh builds the bundle itself and installs debootstrap and
+# systemd-container when missing; it needs root.
+e2e: deps ## Boot a host under systemd-nspawn and run the first-boot scenarios
+	bash e2e/run.sh
+
+bench: ## Compare the agent with the pg_dump + aws s3 cp pipeline (about 10 min)
+	bash bench/run.sh
 
 lint: ## Run rustfmt, clippy and shellcheck without changing files
 	$(CARGO) fmt --all --check
