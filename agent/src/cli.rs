@@ -98,14 +98,19 @@ pub enum Command {
         --keep-weekly 8 --dry-run\n  matrix-agent prune --keep-last 48 --keep-daily 14"
     )]
     Prune {
+        /// Keep the N newest snapshots (the newest one is kept in any case).
         #[arg(long, value_name = "N")]
         keep_last: Option<usize>,
+        /// Keep the newest snapshot of each of the last N hours that have one.
         #[arg(long, value_name = "N")]
         keep_hourly: Option<usize>,
+        /// Keep the newest snapshot of each of the last N days (UTC) that have one.
         #[arg(long, value_name = "N")]
         keep_daily: Option<usize>,
+        /// Keep the newest snapshot of each of the last N ISO weeks that have one.
         #[arg(long, value_name = "N")]
         keep_weekly: Option<usize>,
+        /// Keep the newest snapshot of each of the last N months that have one.
         #[arg(long, value_name = "N")]
         keep_monthly: Option<usize>,
         /// List what would be deleted and delete nothing.
