@@ -11,6 +11,7 @@ use chrono::{SecondsFormat, Utc};
 use sd_notify::NotifyState;
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
 
 use crate::config::{Config, Env, HeartbeatSettings};
 use crate::endpoint::{self, EndpointContext};
@@ -19,9 +20,9 @@ use crate::gate::{self, MarkerState};
 use crate::instance;
 use crate::keys;
 use crate::register;
-use crate::state::{Failure, StateDir};
+use crate::state::{Failure, RegistrationState, StateDir};
 use crate::status;
-use crate::store::{self, ObjectStore, WriteCondition};
+use crate::store::{self, ObjectStore, StoreError, WriteCondition};
 use crate::vps_meta::{self, Ownership, VpsMeta};
 
 const GATE_POLL: Duration = Duration::from_secs(2);
@@ -124,25 +125,27 @@ async fn serve_heartbeats(
     wait_for_gate(&config).await;
     let store = store::open(&config.store).await?;
 
-    // The task runs on its own; the heartbeat does not wait for it.
+    // Registration runs on its own, because its retries may take hours
+    // while the heartbeat keeps going. It wakes the heartbeat when it is
+    // done, so that the metadata is claimed without waiting for a tick.
+    let registered = Arc::new(Notify::new());
     let _registration = {
-        let (config, settings, state, store) = (
+        let (config, settings, state, registered) = (
             config.clone(),
             settings.clone(),
             state.clone(),
-            store.clone(),
+            registered.clone(),
         );
         tokio::spawn(async move {
             match register::register_until_done(&config, &settings, &state).await {
-                Ok(true) => {
-                    tracing::warn!(
-                        "the platform could not store vps-meta.json; this host writes it"
-                    );
-                    if let Err(error) = write_own_meta(store.as_ref(), &config, &settings).await {
-                        tracing::error!("cannot write vps-meta.json: {error:#}");
+                Ok(meta_persistence_failed) => {
+                    if meta_persistence_failed {
+                        tracing::warn!(
+                            "the platform could not store vps-meta.json; the heartbeat writes it"
+                        );
                     }
+                    registered.notify_one();
                 }
-                Ok(false) => {}
                 Err(error) => tracing::error!("{error:#}"),
             }
         })
@@ -151,7 +154,10 @@ async fn serve_heartbeats(
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = registered.notified() => {}
+        }
         let result = beat(store.as_ref(), &config, &settings, &state).await;
         let mut record = state.heartbeat();
         let status_line = match &result {
@@ -224,7 +230,14 @@ async fn beat(
     settings: &HeartbeatSettings,
     state: &StateDir,
 ) -> anyhow::Result<Beat> {
-    let registered = state.is_registered(&config.machine_id.to_string());
+    let registration = state.registration(&config.machine_id.to_string());
+    let registered = registration
+        .as_ref()
+        .is_some_and(|record| record.state == RegistrationState::Registered);
+    let meta_pending = registered
+        && registration
+            .as_ref()
+            .is_some_and(|record| record.vps_meta_pending);
     let meta_key = config.object_key(keys::VPS_META);
     for _ in 0..META_ATTEMPTS {
         let object = store.get(&meta_key).await?;
@@ -234,41 +247,50 @@ async fn beat(
                 VpsMeta::parse(&object.body).map_err(|reason| anyhow!("{meta_key} {reason}"))?,
             ),
         };
-        match vps_meta::ownership(meta.as_ref(), config.machine_id, registered) {
+        // Every write below is conditional on the metadata this read saw.
+        let claim = match &object {
+            None => WriteCondition::IfAbsent,
+            Some(object) => match &object.info.etag {
+                Some(etag) => WriteCondition::IfMatch(etag.clone()),
+                None => return Err(anyhow!("{meta_key} came without an ETag")),
+            },
+        };
+        // While the host still owes the metadata, the machine it names is
+        // the one this host replaces, as before registration.
+        let ownership = vps_meta::ownership(
+            meta.as_ref(),
+            config.machine_id,
+            registered && !meta_pending,
+        );
+        let outcome = match ownership {
             Ownership::Superseded { other } => return Ok(Beat::Superseded { other }),
-            Ownership::NotRegisteredYet { other } => return Ok(Beat::NotRegisteredYet { other }),
-            Ownership::Unclaimed if registered => {
-                write_own_meta(store, config, settings).await?;
+            Ownership::NotRegisteredYet { other } if !meta_pending => {
+                return Ok(Beat::NotRegisteredYet { other })
             }
-            Ownership::Unclaimed => {}
+            Ownership::NotRegisteredYet { .. } => {
+                write_own_meta(store, config, settings, claim).await
+            }
+            Ownership::Unclaimed if registered => {
+                write_own_meta(store, config, settings, claim).await
+            }
+            Ownership::Unclaimed => Ok(()),
             Ownership::Ours => {
-                let (meta, object) = (
-                    meta.expect("ours implies present"),
-                    object.expect("present"),
-                );
-                let etag = object
-                    .info
-                    .etag
-                    .ok_or_else(|| anyhow!("{meta_key} came without an ETag"))?;
-                let mut document = meta.document;
-                document.insert("lastSyncAt".into(), Value::String(now_iso()));
-                let body = Bytes::from(serde_json::to_vec_pretty(&document)?);
-                match store
-                    .put(
-                        &meta_key,
-                        body,
-                        "application/json",
-                        WriteCondition::IfMatch(etag),
-                    )
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(error) if error.is_precondition_failed() => {
-                        tracing::info!("{meta_key} changed under the heartbeat; reading it again");
-                        continue;
-                    }
-                    Err(error) => return Err(error.into()),
-                }
+                let document = meta.expect("ours implies present").document;
+                refresh_last_sync(store, &meta_key, document, claim).await
+            }
+        };
+        match outcome {
+            Ok(()) => {}
+            Err(error) if is_precondition_failed(&error) => {
+                tracing::info!("{meta_key} changed under the heartbeat; reading it again");
+                continue;
+            }
+            Err(error) => return Err(error),
+        }
+        if meta_pending {
+            if let Some(mut record) = registration {
+                record.vps_meta_pending = false;
+                state.save_registration(&record)?;
             }
         }
         write_host_status(store, config, state, settings).await?;
@@ -277,6 +299,26 @@ async fn beat(
     Err(anyhow!(
         "{meta_key} kept changing during {META_ATTEMPTS} attempts"
     ))
+}
+
+fn is_precondition_failed(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<StoreError>()
+        .is_some_and(StoreError::is_precondition_failed)
+}
+
+/// Writes the metadata back with a fresh `lastSyncAt` and every other
+/// field as it was, on `condition`: unchanged since the heartbeat read it.
+async fn refresh_last_sync(
+    store: &dyn ObjectStore,
+    key: &str,
+    mut document: serde_json::Map<String, Value>,
+    condition: WriteCondition,
+) -> anyhow::Result<()> {
+    document.insert("lastSyncAt".into(), Value::String(now_iso()));
+    let body = Bytes::from(serde_json::to_vec_pretty(&document)?);
+    store.put(key, body, "application/json", condition).await?;
+    Ok(())
 }
 
 fn now_iso() -> String {
@@ -325,17 +367,16 @@ async fn write_host_status(
     Ok(())
 }
 
-/// Writes `vps-meta.json` for this machine, as the platform would have:
-/// created if absent, or replacing the previous machine's by a
-/// conditional write.
+/// Writes `vps-meta.json` for this machine, as the platform would have, on
+/// `condition`: still absent, or still the previous machine's as read.
 async fn write_own_meta(
     store: &dyn ObjectStore,
     config: &Config,
     settings: &HeartbeatSettings,
+    condition: WriteCondition,
 ) -> anyhow::Result<()> {
     let identity = instance::resolve(settings)?;
     let key = config.object_key(keys::VPS_META);
-    let existing = store.get(&key).await?;
     let now = now_iso();
     let mut document = serde_json::Map::new();
     document.insert("version".into(), json!(1));
@@ -350,17 +391,9 @@ async fn write_own_meta(
     if let Some(ipv6) = identity.ipv6 {
         document.insert("publicIPv6".into(), json!(ipv6.to_string()));
     }
-    let condition = match existing.and_then(|object| object.info.etag) {
-        Some(etag) => WriteCondition::IfMatch(etag),
-        None => WriteCondition::IfAbsent,
-    };
+    let body = serde_json::to_vec_pretty(&Value::Object(document))?;
     store
-        .put(
-            &key,
-            Bytes::from(serde_json::to_vec_pretty(&Value::Object(document))?),
-            "application/json",
-            condition,
-        )
+        .put(&key, Bytes::from(body), "application/json", condition)
         .await?;
     tracing::info!("wrote {key} for machine {}", config.machine_id);
     Ok(())

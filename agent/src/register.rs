@@ -154,6 +154,7 @@ pub fn build_request(config: &Config, identity: &ServerIdentity) -> RegisterRequ
 
 /// Registers, retrying until success, a refusal or the deadline. Returns
 /// whether the platform asked the host to write `vps-meta.json` itself.
+/// The saved record keeps that request until the heartbeat has written it.
 pub async fn register_until_done(
     config: &Config,
     settings: &HeartbeatSettings,
@@ -171,6 +172,7 @@ pub async fn register_until_done(
             last_attempt_at: now,
             registered_at: None,
             last_error: None,
+            vps_meta_pending: false,
         });
     match record.state {
         RegistrationState::Registered => return Ok(false),
@@ -218,6 +220,11 @@ pub async fn register_until_done(
                 record.state = RegistrationState::Registered;
                 record.registered_at = Some(Utc::now());
                 record.last_error = None;
+                // Saved with the registration, so that no reader sees this
+                // machine registered while the metadata still names the
+                // machine it replaces. The heartbeat retries the write at
+                // every tick, across restarts, until it succeeds.
+                record.vps_meta_pending = meta_persistence_failed;
                 state.save_registration(&record)?;
                 tracing::info!(
                     "registered with the platform after {} attempts",

@@ -84,6 +84,10 @@ pub struct RegistrationRecord {
     pub last_attempt_at: DateTime<Utc>,
     pub registered_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    /// The platform registered this machine but could not store
+    /// `vps-meta.json`; the heartbeat writes it and then clears this.
+    #[serde(default)]
+    pub vps_meta_pending: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -155,10 +159,13 @@ impl StateDir {
             .filter(|record| record.machine_id.eq_ignore_ascii_case(machine_id))
     }
 
-    /// Tells whether this machine registered with the platform.
+    /// Tells whether this machine registered with the platform and
+    /// `vps-meta.json` was written for it. Until then, metadata naming
+    /// another machine describes the machine this host replaces.
     pub fn is_registered(&self, machine_id: &str) -> bool {
-        self.registration(machine_id)
-            .is_some_and(|record| record.state == RegistrationState::Registered)
+        self.registration(machine_id).is_some_and(|record| {
+            record.state == RegistrationState::Registered && !record.vps_meta_pending
+        })
     }
 
     pub fn heartbeat(&self) -> HeartbeatRecord {

@@ -342,6 +342,11 @@ pub fn render_human(report: &HostReport) -> String {
     let registration = match &report.registration {
         None => "not attempted".to_string(),
         Some(record) => match record.state {
+            RegistrationState::Registered if record.vps_meta_pending => format!(
+                "registered {} ago; the platform could not store vps-meta.json and the \
+                 heartbeat has not written it yet",
+                record.registered_at.map(age).unwrap_or_default()
+            ),
             RegistrationState::Registered => format!(
                 "registered {} ago",
                 record.registered_at.map(age).unwrap_or_default()
