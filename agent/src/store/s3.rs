@@ -14,6 +14,10 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkCompletedPart};
 use aws_sdk_s3::Client;
+use aws_smithy_runtime_api::client::interceptors::context::InterceptorContext;
+use aws_smithy_runtime_api::client::retries::classifiers::{
+    ClassifyRetry, RetryAction, RetryClassifierPriority,
+};
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
@@ -65,6 +69,29 @@ impl Intercept for ServerClock {
     }
 }
 
+/// Retries HTTP 429 as throttling. The SDK's own classifiers retry only
+/// 500, 502, 503 and 504 by status, and 429 only under the error codes AWS
+/// uses, which other S3 implementations need not send.
+#[derive(Debug)]
+struct TooManyRequestsClassifier;
+
+impl ClassifyRetry for TooManyRequestsClassifier {
+    fn classify_retry(&self, context: &InterceptorContext) -> RetryAction {
+        match context.response() {
+            Some(response) if response.status().as_u16() == 429 => RetryAction::throttling_error(),
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "HTTP 429 Too Many Requests"
+    }
+
+    fn priority(&self) -> RetryClassifierPriority {
+        RetryClassifierPriority::run_after(RetryClassifierPriority::http_status_code_classifier())
+    }
+}
+
 impl S3Store {
     /// Builds the client from explicit settings only: no shared config
     /// files, no environment lookups by the SDK and no instance metadata.
@@ -108,6 +135,7 @@ impl S3Store {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .timeout_config(timeouts)
             .retry_config(retries)
+            .retry_classifier(TooManyRequestsClassifier)
             .stalled_stream_protection(stall)
             .interceptor(clock.clone())
             .build();
