@@ -570,6 +570,13 @@ async fn move_pointer(
         .body(),
     );
     for _ in 0..POINTER_ATTEMPTS {
+        if seen.snapshot.as_ref() == Some(snapshot) {
+            // A write whose response was lost and whose retry then failed
+            // the If-Match: snapshot keys are created only if absent, so a
+            // pointer naming this key was written by this run.
+            tracing::info!("system/db/latest now names {snapshot}");
+            return Ok(true);
+        }
         if !keys::pointer_may_advance(seen.snapshot.as_ref(), snapshot) {
             tracing::warn!(
                 "system/db/latest already names {}, newer than {snapshot}; it stays",
