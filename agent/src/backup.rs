@@ -371,15 +371,18 @@ async fn dump_to_staging(
             return Err(error);
         }
     };
-    if let Err(error) = store
-        .complete_multipart(
-            staging,
-            &upload_id,
-            &streamed.parts,
-            WriteCondition::Unconditional,
-        )
-        .await
-    {
+    // The staging key is unique to this run, so an object of the size
+    // streamed there can only be this upload.
+    let completed = upload::complete_upload(
+        store.as_ref(),
+        staging,
+        &upload_id,
+        &streamed.parts,
+        WriteCondition::Unconditional,
+        |info| info.size == streamed.size,
+    )
+    .await;
+    if let Err(error) = completed {
         let _ = store.abort_multipart(staging, &upload_id).await;
         return Err(error).context("cannot complete the upload");
     }

@@ -13,7 +13,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::progress::Progress;
-use crate::store::{CompletedPart, ObjectStore, StoreError, WriteCondition};
+use crate::store::{
+    CompletedPart, FailureKind, ObjectInfo, ObjectStore, StoreError, WriteCondition,
+};
 
 /// The smallest part S3 and R2 accept, except for the last one.
 pub const MIN_PART_SIZE: u64 = 5 << 20;
@@ -177,9 +179,15 @@ pub async fn copy_object(
         .await;
     let result = match copied {
         Ok(parts) => {
-            store
-                .complete_multipart(target, &upload_id, &parts, WriteCondition::IfAbsent)
-                .await
+            complete_upload(
+                store,
+                target,
+                &upload_id,
+                &parts,
+                WriteCondition::IfAbsent,
+                |info| info.size == size && info.metadata == *metadata,
+            )
+            .await
         }
         Err(error) => Err(error),
     };
@@ -190,6 +198,38 @@ pub async fn copy_object(
         return Err(error);
     }
     Ok(())
+}
+
+/// Completes an upload, and accepts an object that `is_ours` recognises
+/// when the completion fails with not-found. A completion whose response
+/// was lost is retried, and a store that forgets an upload once it is
+/// complete answers the retry with NoSuchUpload although the object was
+/// written.
+pub async fn complete_upload(
+    store: &dyn ObjectStore,
+    key: &str,
+    upload_id: &str,
+    parts: &[CompletedPart],
+    condition: WriteCondition,
+    is_ours: impl Fn(&ObjectInfo) -> bool,
+) -> Result<(), StoreError> {
+    let error = match store
+        .complete_multipart(key, upload_id, parts, condition)
+        .await
+    {
+        Err(error) if error.kind == FailureKind::NotFound => error,
+        result => return result,
+    };
+    match store.head(key).await {
+        Ok(Some(info)) if is_ours(&info) => {
+            tracing::info!(
+                "{key} was completed by an attempt whose response was lost; the retry found \
+                 the upload gone"
+            );
+            Ok(())
+        }
+        _ => Err(error),
+    }
 }
 
 #[cfg(test)]
