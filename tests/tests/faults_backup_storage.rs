@@ -252,6 +252,54 @@ fn staging_completion_lost_response_is_recovered() {
     );
 }
 
+/// Loses the response to the first completion on keys containing
+/// `folder`, then answers the retry as a store that forgets completed
+/// uploads would: 404 NoSuchUpload.
+fn lose_completion_then_forget_upload(scene: &BackupScene, folder: &str) {
+    let completions = Rule::on(Operation::CompleteMultipartUpload).key_contains(folder);
+    scene
+        .proxy()
+        .inject(completions.clone().nth(1), Fault::ResetAfterForward);
+    scene.proxy().inject(
+        completions.nth(2),
+        Fault::Error {
+            status: 404,
+            code: "NoSuchUpload",
+        },
+    );
+}
+
+#[test]
+fn staging_completion_forgotten_upload_is_recovered() {
+    let scene = BackupScene::new(PAYLOAD_MIB);
+    lose_completion_then_forget_upload(&scene, STAGING);
+    let mut invariants = scene.invariants();
+
+    let run = scene.agent().run(&["backup"]);
+
+    invariants.check_backup(&run, Ending::Succeeded);
+    assert!(invariants.pointer() > Some(PREVIOUS_SNAPSHOT), "{run}");
+    invariants.assert_nothing_pending(&run.command_line);
+}
+
+#[test]
+fn snapshot_completion_forgotten_upload_is_recovered() {
+    let scene = BackupScene::new(PAYLOAD_MIB);
+    lose_completion_then_forget_upload(&scene, SNAPSHOTS);
+    let mut invariants = scene.invariants();
+
+    let run = scene.agent().run(&["backup"]);
+
+    invariants.check_backup(&run, Ending::Succeeded);
+    assert!(invariants.pointer() > Some(PREVIOUS_SNAPSHOT), "{run}");
+    assert_eq!(
+        scene.store.bucket.list(SNAPSHOTS).len(),
+        2,
+        "the backup made more than one snapshot\n{run}"
+    );
+    invariants.assert_nothing_pending(&run.command_line);
+}
+
 #[test]
 fn staging_completion_error_fails_backup() {
     backup_fails_then_recovers(
