@@ -442,10 +442,7 @@ async fn dump_and_upload(
     // upload's error rather than the kill.
     let streamed = uploaded?;
     if !status.success() {
-        let reason = match status.code() {
-            Some(code) => format!("exited with status {code}"),
-            None => "was killed by a signal".to_string(),
-        };
+        let reason = postgres::describe_exit(&status);
         let detail = if stderr_tail.is_empty() {
             String::new()
         } else {
@@ -482,8 +479,14 @@ async fn read_tail(mut stderr: tokio::process::ChildStderr) -> String {
     String::from_utf8_lossy(&tail).into_owned()
 }
 
+/// Joins the last `count` non-blank lines of `text` into one line, without
+/// the indentation libpq gives its continuation lines.
 fn last_lines(text: &str, count: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
     lines[lines.len().saturating_sub(count)..].join(" / ")
 }
 

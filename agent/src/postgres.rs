@@ -277,6 +277,21 @@ async fn probe_tool(path: &Path) -> anyhow::Result<PgTool> {
     })
 }
 
+/// Describes how a client tool ended, for messages: "exited with status
+/// 1", or "was killed by signal 9 (SIGKILL)" when the kernel, an operator
+/// or the OOM killer ended it.
+pub fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(number)) => match nix::sys::signal::Signal::try_from(number) {
+            Ok(signal) => format!("was killed by signal {number} ({signal})"),
+            Err(_) => format!("was killed by signal {number}"),
+        },
+        (None, None) => "ended without an exit status".to_string(),
+    }
+}
+
 /// Reads the major version from output such as
 /// `pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)`.
 pub fn parse_tool_major(text: &str) -> Option<u32> {
@@ -298,5 +313,14 @@ mod tests {
         assert_eq!(parse_tool_major("pg_restore (PostgreSQL) 17.2"), Some(17));
         assert_eq!(parse_tool_major("pg_dump (PostgreSQL) 9.6.24"), Some(9));
         assert_eq!(parse_tool_major("pg_dump 15"), None);
+    }
+
+    #[test]
+    fn exits_are_described() {
+        use std::os::unix::process::ExitStatusExt;
+        let exited = std::process::ExitStatus::from_raw(1 << 8);
+        assert_eq!(describe_exit(&exited), "exited with status 1");
+        let killed = std::process::ExitStatus::from_raw(9);
+        assert_eq!(describe_exit(&killed), "was killed by signal 9 (SIGKILL)");
     }
 }

@@ -488,11 +488,15 @@ async fn run_pg_restore(
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let lines: Vec<&str> = stderr.trim().lines().collect();
-        let tail = lines[lines.len().saturating_sub(5)..].join(" / ");
+        let tail = match lines[lines.len().saturating_sub(5)..].join(" / ") {
+            tail if tail.is_empty() => String::new(),
+            tail => format!(": {tail}"),
+        };
         bail!(
-            "pg_restore failed: {tail}; the gate stays shut. The database may be partly \
+            "pg_restore failed ({}){tail}; the gate stays shut. The database may be partly \
              restored: fix the cause and run `systemctl restart matrix-restore`, which \
-             cleans and restores again"
+             cleans and restores again",
+            postgres::describe_exit(&output.status)
         );
     }
     tracing::info!(
