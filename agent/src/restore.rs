@@ -206,6 +206,7 @@ async fn restore_snapshot(
         postgres::find_tool("pg_restore", server_major, &config.pg_install_root).await?;
 
     let download_dir = state.download_dir()?;
+    remove_leftover_downloads(&download_dir);
     check_free_disk(&download_dir, info.size, config.disk_reserve)?;
     let file = download_dir.join(format!(
         "{}.dump",
@@ -257,6 +258,25 @@ fn check_size_metadata(info: &ObjectInfo, snapshot: &SnapshotKey) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+/// Removes the files an earlier restore left in the download directory
+/// when it was killed. Nothing resumes them, and they would take the free
+/// disk the new download needs.
+fn remove_leftover_downloads(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let leftovers = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_file());
+    for path in leftovers {
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!("removed {}, left by an earlier restore", path.display()),
+            Err(error) => tracing::warn!("cannot remove {}: {error}", path.display()),
+        }
+    }
 }
 
 fn check_free_disk(dir: &Path, needed: u64, reserve: u64) -> anyhow::Result<()> {
