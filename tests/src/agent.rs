@@ -109,6 +109,14 @@ impl Agent {
         self
     }
 
+    /// Runs `program` in place of the agent binary: a wrapper script that
+    /// prepares the process (a private mount namespace, say) and then
+    /// executes [`binary_path`] with the arguments it was given.
+    pub fn set_program(&mut self, program: impl Into<PathBuf>) -> &mut Agent {
+        self.binary = program.into();
+        self
+    }
+
     pub fn remove(&mut self, name: &str) -> &mut Agent {
         self.env.remove(name);
         self

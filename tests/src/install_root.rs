@@ -1,6 +1,7 @@
 //! A stand-in for `/usr/lib/postgresql` (`MATRIX_PG_INSTALL_ROOT`) whose
-//! `pg_dump` is a shell script wrapped around the real one, so that a test
-//! can make the dump slow or make it fail half-way.
+//! `pg_dump` or `pg_restore` is a shell script wrapped around the real one,
+//! so that a test can make a dump slow or make a dump or restore fail
+//! half-way.
 
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -13,7 +14,7 @@ use crate::postgres::PgBin;
 
 const DUMP_STARTED: &str = "pg-dump-started";
 
-/// `<root>/<major>/bin` holding a wrapped `pg_dump` and symlinks to every
+/// `<root>/<major>/bin` holding one wrapped program and symlinks to every
 /// other program of the real installation.
 pub struct FakeInstallRoot {
     dir: TempDir,
@@ -24,6 +25,18 @@ impl FakeInstallRoot {
     /// real program. `pg_dump --version` always runs the real program at
     /// once, so that only dumps are affected.
     pub fn with_pg_dump_script(bin: &PgBin, script: &str) -> FakeInstallRoot {
+        FakeInstallRoot::with_program_script(
+            bin,
+            "pg_dump",
+            &format!("real_pg_dump=\"$real_program\"\n{script}"),
+        )
+    }
+
+    /// Creates a root whose `program` (`pg_dump`, `pg_restore`, ...) runs
+    /// `script` with `$real_program` set to the real program and `$state`
+    /// to a directory the script may keep files in. `--version` always runs
+    /// the real program at once.
+    pub fn with_program_script(bin: &PgBin, program: &str, script: &str) -> FakeInstallRoot {
         let dir = tempfile::Builder::new()
             .prefix("matrix-pg-root-")
             .tempdir()
@@ -33,27 +46,28 @@ impl FakeInstallRoot {
 
         for entry in fs::read_dir(bin.dir()).expect("listing the real bin directory") {
             let entry = entry.expect("reading the real bin directory");
-            if entry.file_name() != "pg_dump" {
+            if entry.file_name() != program {
                 symlink(entry.path(), fake_bin.join(entry.file_name()))
                     .expect("linking a real PostgreSQL program");
             }
         }
 
-        let real_pg_dump = bin.program("pg_dump");
         let wrapper = format!(
             "#!/bin/sh\n\
-             # pg_dump stand-in written by the matrix-agent integration tests.\n\
-             real_pg_dump='{}'\n\
+             # {program} stand-in written by the matrix-agent integration tests.\n\
+             real_program='{}'\n\
+             state='{}'\n\
              for arg in \"$@\"; do\n\
-             \tcase \"$arg\" in --version|-V) exec \"$real_pg_dump\" \"$@\" ;; esac\n\
+             \tcase \"$arg\" in --version|-V) exec \"$real_program\" \"$@\" ;; esac\n\
              done\n\
              {script}\n",
-            real_pg_dump.display()
+            bin.program(program).display(),
+            dir.path().display()
         );
-        let wrapper_path = fake_bin.join("pg_dump");
-        fs::write(&wrapper_path, wrapper).expect("writing the pg_dump wrapper");
+        let wrapper_path = fake_bin.join(program);
+        fs::write(&wrapper_path, wrapper).expect("writing the program wrapper");
         fs::set_permissions(&wrapper_path, fs::Permissions::from_mode(0o755))
-            .expect("making the pg_dump wrapper executable");
+            .expect("making the program wrapper executable");
 
         FakeInstallRoot { dir }
     }

@@ -97,3 +97,36 @@ pub fn children_of(parent: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Kills `root` and everything it started with SIGKILL, as systemd does
+/// to a service's control group.
+///
+/// The processes are stopped (SIGSTOP) first, each before its children are
+/// listed, so none of them can start another process that escapes the
+/// kill. The caller still reaps `root` if it is its child.
+pub fn kill_process_tree(root: u32) {
+    let mut stopped: Vec<u32> = Vec::new();
+    let mut next = 0;
+    let _ = signal::kill(Pid::from_raw(root as i32), Signal::SIGSTOP);
+    stopped.push(root);
+    while next < stopped.len() {
+        for child in children_of(stopped[next]) {
+            if !stopped.contains(&child) {
+                let _ = signal::kill(Pid::from_raw(child as i32), Signal::SIGSTOP);
+                stopped.push(child);
+            }
+        }
+        next += 1;
+    }
+    for pid in stopped {
+        let _ = signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
+/// Returns a process's command name (`/proc/<pid>/comm`), or `None` when it
+/// is gone.
+pub fn command_name(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|name| name.trim_end().to_owned())
+}
