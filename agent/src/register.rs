@@ -258,9 +258,9 @@ pub async fn register_until_done(
                 state.save_registration(&record)?;
                 let delay = backoff_delay(record.attempts - 1, rand::random::<f64>());
                 tracing::warn!(
-                    "registration attempt {} failed: {reason}; retrying in {}s",
+                    "registration attempt {} failed: {reason}; retrying in {:.1}s",
                     record.attempts,
-                    delay.as_secs()
+                    delay.as_secs_f64()
                 );
                 tokio::time::sleep(delay).await;
             }
