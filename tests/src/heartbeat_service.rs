@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
-use crate::agent::{binary_path, Agent, AgentRun};
+use crate::agent::{binary_path, Agent, AgentRun, SECRETS};
 use crate::loopback::free_port;
 use crate::process::{kill_with_parent, stop_child};
 
@@ -135,6 +135,17 @@ pub fn assert_no_token_in_run(run: &AgentRun) {
         "{} printed the registration token on stderr",
         run.command_line
     );
+}
+
+/// Replaces the registration token and the other secrets in `text`, so that
+/// what a failing test prints never shows them, even when the agent leaked
+/// them.
+pub fn redact(text: &str) -> String {
+    let mut redacted = text.replace(REGISTRATION_TOKEN, "[registration token]");
+    for secret in SECRETS {
+        redacted = redacted.replace(secret, "[secret]");
+    }
+    redacted
 }
 
 /// Asserts that no file under `dir` contains the registration token.
@@ -290,7 +301,10 @@ impl HeartbeatService {
                 // Let the readers drain what the process wrote before it
                 // exited.
                 thread::sleep(Duration::from_millis(100));
-                return Err(format!("it exited with {status}: {}", self.stderr()));
+                return Err(format!(
+                    "it exited with {status}: {}",
+                    redact(&self.stderr())
+                ));
             }
             if self.http.get(self.url("/healthz")).send().is_ok() {
                 return Ok(());
@@ -340,13 +354,14 @@ impl HeartbeatService {
         self.stderr.lock().expect("output lock").clone()
     }
 
-    /// Returns stdout and stderr so far, for failure messages.
+    /// Returns stdout and stderr so far, secrets redacted, for failure
+    /// messages.
     pub fn output(&self) -> String {
-        format!(
+        redact(&format!(
             "--- stdout ---\n{}\n--- stderr ---\n{}",
             self.stdout.lock().expect("output lock"),
             self.stderr.lock().expect("output lock")
-        )
+        ))
     }
 
     /// Counts the log lines that contain `needle`.
@@ -408,7 +423,7 @@ impl HeartbeatService {
             stderr: self.stderr.lock().expect("output lock").clone(),
         };
         // The test harness shows this only for failing tests.
-        eprintln!("{run}\n");
+        eprintln!("{}\n", redact(&run.to_string()));
         assert_no_token_in_run(&run);
         assert!(
             !timed_out,

@@ -46,12 +46,15 @@ impl MetricType {
     }
 }
 
+/// Label names and values of one sample, in the order they were written.
+pub type Labels = Vec<(String, String)>;
+
 /// One sample line.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     pub name: String,
     /// Labels in the order they were written, values unescaped.
-    pub labels: Vec<(String, String)>,
+    pub labels: Labels,
     pub value: f64,
     pub timestamp_ms: Option<i64>,
 }
@@ -134,13 +137,11 @@ impl Exposition {
             });
         }
         for (index, line) in text.lines().enumerate() {
-            parser
-                .line(line)
-                .map_err(|reason| ParseError {
-                    line: index + 1,
-                    content: line.to_owned(),
-                    reason,
-                })?;
+            parser.line(line).map_err(|reason| ParseError {
+                line: index + 1,
+                content: line.to_owned(),
+                reason,
+            })?;
         }
         Ok(Exposition {
             families: parser.families,
@@ -165,7 +166,7 @@ impl Exposition {
 struct Parser {
     families: Vec<MetricFamily>,
     /// Sample names with their sorted labels, to find duplicates.
-    series: HashSet<(String, Vec<(String, String)>)>,
+    series: HashSet<(String, Labels)>,
 }
 
 impl Parser {
@@ -383,8 +384,8 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
 }
 
 /// Parses the labels after `{` and returns them with the text after `}`.
-fn parse_labels(mut text: &str) -> Result<(Vec<(String, String)>, &str), String> {
-    let mut labels: Vec<(String, String)> = Vec::new();
+fn parse_labels(mut text: &str) -> Result<(Labels, &str), String> {
+    let mut labels = Labels::new();
     loop {
         text = text.trim_start_matches(is_blank);
         if let Some(rest) = text.strip_prefix('}') {
@@ -538,7 +539,10 @@ mod tests {
             ("up 1\n# TYPE up gauge\n", "after its first sample"),
             ("up 1\ndown 1\nup{a=\"b\"} 1\n", "one group"),
             ("up 1\nup 2\n", "same labels"),
-            ("up{a=\"1\",b=\"2\"} 1\nup{b=\"2\",a=\"1\"} 1\n", "same labels"),
+            (
+                "up{a=\"1\",b=\"2\"} 1\nup{b=\"2\",a=\"1\"} 1\n",
+                "same labels",
+            ),
             ("# TYPE up counter\nup_sum 1\nup 1\n", "one group"),
         ];
         for (text, expected) in cases {
