@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need when it is missing:
 # the PostgreSQL server (Debian packages postgresql and postgresql-contrib),
-# moto_server (PyPI package moto[server]), and checks that cargo with
-# rustfmt and clippy is on PATH.
+# moto_server (PyPI package moto[server]), libfaketime (Debian package of
+# that name), and checks that cargo with rustfmt and clippy is on PATH.
 #
 # Prints one line per install and nothing when everything is present. Exits
 # non-zero with a message when an install fails. Runs as root, or through
@@ -259,6 +259,13 @@ main() {
 
     if ! moto_works; then
         install_moto
+    fi
+
+    # The SIGKILL backup scenario runs the agent under libfaketime, which
+    # gives each killed run a snapshot minute of its own.
+    if ! deb_installed libfaketime; then
+        say "installing Debian package libfaketime"
+        apt_install libfaketime
     fi
 }
 
