@@ -25,7 +25,7 @@ under /opt/matrix/env/):
   MATRIX_PG_INSTALL_ROOT       default: /usr/lib/postgresql
   MATRIX_PART_SIZE             multipart part size, e.g. 16MiB (default: from the database size)
   MATRIX_UPLOAD_CONCURRENCY    parts in flight (default: 4, fewer for large parts)
-  MATRIX_DUMP_COMPRESSION      pg_dump --compress level 0-9 (default: pg_dump's)
+  MATRIX_DUMP_COMPRESSION      pg_dump --compress level 0-9 (default: 1)
   MATRIX_RESTORE_JOBS          pg_restore --jobs (default: CPUs, at most 4)
   MATRIX_PG_WAIT               how long to wait for PostgreSQL to start (default: 5m)
   MATRIX_DISK_RESERVE          free disk kept beyond a download (default: 1GiB)

@@ -117,7 +117,7 @@ pub struct Config {
     pub upload_concurrency: usize,
     pub pg_wait: Duration,
     pub disk_reserve: u64,
-    /// pg_dump's `--compress` level, 0 to 9; pg_dump's own default when unset.
+    /// pg_dump's `--compress` level, 0 to 9; 1 when unset.
     pub dump_compression: Option<u8>,
     /// pg_restore's `--jobs`; the number of CPUs, at most 4, when unset.
     pub restore_jobs: Option<u32>,
