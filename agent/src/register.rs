@@ -193,14 +193,29 @@ pub async fn register_until_done(
         .map_err(|error| anyhow!("cannot build the HTTP client: {error}"))?;
 
     loop {
-        let outcome = match (&settings.registration_token, instance::resolve(settings)) {
-            (None, _) => AttemptOutcome::Refused(
+        let image_version = config
+            .image_version
+            .as_deref()
+            .filter(|version| !version.trim().is_empty());
+        let outcome = match (
+            &settings.registration_token,
+            image_version,
+            instance::resolve(settings),
+        ) {
+            (None, _, _) => AttemptOutcome::Refused(
                 "MATRIX_REGISTRATION_TOKEN is not set; it is in /opt/matrix/env/registration.env \
                  on a provisioned host"
                     .to_string(),
             ),
-            (Some(_), Err(error)) => AttemptOutcome::Retry(format!("{error:#}")),
-            (Some(token), Ok(identity)) => {
+            // The platform rejects an empty imageVersion with 400, so the
+            // request is not worth sending.
+            (Some(_), None, _) => AttemptOutcome::Refused(
+                "MATRIX_IMAGE_VERSION is not set; it is in /opt/matrix/env/host.env on a \
+                 provisioned host"
+                    .to_string(),
+            ),
+            (Some(_), Some(_), Err(error)) => AttemptOutcome::Retry(format!("{error:#}")),
+            (Some(token), Some(_), Ok(identity)) => {
                 let request = build_request(config, &identity);
                 tracing::info!(
                     "registering machine {} (server {}) with the platform",
