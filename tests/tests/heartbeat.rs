@@ -461,6 +461,32 @@ fn registration_stops_at_409() {
 }
 
 #[test]
+fn registration_needs_image_version() {
+    let store = ObjectStore::start();
+    let host = fresh_host(&store);
+    let platform = start_platform(&store, PlatformConfig::new(REGISTRATION_TOKEN));
+    let mut agent = heartbeat_agent(&host, &platform);
+    agent.remove("MATRIX_IMAGE_VERSION");
+    let service = HeartbeatService::start(&agent);
+
+    let refusal = service.wait_for_log("registration refused", SETTLE_TIMEOUT);
+    wait_for_heartbeats(&host, &service, QUIET_TICKS);
+    let registrations = platform.registrations();
+    let run = service.stop();
+
+    assert!(
+        refusal.contains("MATRIX_IMAGE_VERSION is not set"),
+        "the log line does not name the missing variable: {refusal}"
+    );
+    assert!(
+        registrations.is_empty(),
+        "{} registration requests without an image version\n{run}",
+        registrations.len()
+    );
+    assert_eq!(registration_state(&host).as_deref(), Some("rejected"));
+}
+
+#[test]
 fn persistence_warning_makes_host_write_meta() {
     let store = ObjectStore::start();
     let host = fresh_host(&store);
