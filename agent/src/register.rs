@@ -252,8 +252,11 @@ pub async fn register_until_done(
                 record.last_error = Some(reason.clone());
                 state.save_registration(&record)?;
                 return Err(anyhow!(
-                    "registration refused, not retrying: {reason}; the platform must issue a \
-                     new token or fix the machine's state"
+                    "registration refused, not retrying: {reason}. Once the cause is fixed (a \
+                     new token in /opt/matrix/env/registration.env, the machine's state on the \
+                     platform, or a missing setting), remove {}/registration.json and restart \
+                     matrix-heartbeat",
+                    state.path().display()
                 ));
             }
             AttemptOutcome::Retry(reason) => {
