@@ -25,18 +25,23 @@ use matrix_agent_tests::fault_scenario::{
 };
 use matrix_agent_tests::invariants::Ending;
 
-/// Payload of every scenario database: with the notes table the dump is a
+/// Payload of the scenarios on parts: with the notes table the dump is a
 /// little over 11 MiB, so three parts of 5 MiB, the last one short.
-const PAYLOAD_MIB: usize = 11;
+const MULTIPART_PAYLOAD_MIB: usize = 11;
+
+/// Payload of the other scenarios: none, so the dump is a few KiB in one
+/// part and the scenario spends its time on the fault, not the upload.
+const SMALL_PAYLOAD_MIB: usize = 0;
 
 const STAGING: &str = "system/db/staging/";
 const SNAPSHOTS: &str = "system/db/snapshots/";
 const VPS_META: &str = "system/vps-meta.json";
 
-/// Runs a backup while `fault` hits the requests `rule` picks, and
+/// Runs a backup of a database with `payload_mib` MiB of payload while
+/// `fault` hits the requests `rule` picks, and
 /// expects the agent to retry its way to a complete snapshot.
-fn backup_survives(rule: Rule, fault: Fault) -> (BackupScene, AgentRun) {
-    let scene = BackupScene::new(PAYLOAD_MIB);
+fn backup_survives(payload_mib: usize, rule: Rule, fault: Fault) -> (BackupScene, AgentRun) {
+    let scene = BackupScene::new(payload_mib);
     let rule_id = scene.proxy().inject(rule, fault);
     let run = {
         let mut invariants = scene.invariants();
@@ -56,11 +61,17 @@ fn backup_survives(rule: Rule, fault: Fault) -> (BackupScene, AgentRun) {
     (scene, run)
 }
 
-/// Runs a backup while `fault` hits every request `rule` picks, expects it
+/// Runs a backup of a database with `payload_mib` MiB of payload while
+/// `fault` hits every request `rule` picks, expects it
 /// to fail with an error line naming each of `words`, then runs a clean
 /// backup that must succeed and leave no upload open.
-fn backup_fails_then_recovers(rule: Rule, fault: Fault, words: &[&str]) -> AgentRun {
-    let scene = BackupScene::new(PAYLOAD_MIB);
+fn backup_fails_then_recovers(
+    payload_mib: usize,
+    rule: Rule,
+    fault: Fault,
+    words: &[&str],
+) -> AgentRun {
+    let scene = BackupScene::new(payload_mib);
     let rule_id = scene.proxy().inject(rule, fault);
     let mut invariants = scene.invariants();
 
@@ -83,6 +94,7 @@ fn backup_fails_then_recovers(rule: Rule, fault: Fault, words: &[&str]) -> Agent
 #[test]
 fn vps_meta_read_error_fails_backup() {
     backup_fails_then_recovers(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::GetObject).key_contains(VPS_META),
         Fault::error(500),
         &["machine metadata", "server error"],
@@ -92,6 +104,7 @@ fn vps_meta_read_error_fails_backup() {
 #[test]
 fn pointer_read_reset_is_retried() {
     backup_survives(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::GetObject).key_contains(LATEST).nth(1),
         Fault::Reset,
     );
@@ -100,6 +113,7 @@ fn pointer_read_reset_is_retried() {
 #[test]
 fn pointer_read_error_fails_backup() {
     backup_fails_then_recovers(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::GetObject).key_contains(LATEST),
         Fault::error(503),
         &["latest pointer", "server error"],
@@ -112,6 +126,7 @@ fn pointer_read_stall_is_retried() {
     // out and the second gets the pointer.
     let started = Instant::now();
     backup_survives(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::GetObject).key_contains(LATEST).nth(1),
         Fault::Stall(Duration::from_secs(20)),
     );
@@ -124,6 +139,7 @@ fn pointer_read_stall_is_retried() {
 #[test]
 fn create_upload_throttling_is_retried() {
     backup_survives(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::CreateMultipartUpload)
             .key_contains(STAGING)
             .nth(1),
@@ -134,6 +150,7 @@ fn create_upload_throttling_is_retried() {
 #[test]
 fn create_upload_error_fails_backup() {
     let run = backup_fails_then_recovers(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::CreateMultipartUpload).key_contains(STAGING),
         Fault::error(500),
         &["cannot start the upload", "CreateMultipartUpload"],
@@ -146,7 +163,11 @@ fn create_upload_error_fails_backup() {
 
 #[test]
 fn first_part_reset_is_retried() {
-    let (scene, run) = backup_survives(Rule::on(Operation::UploadPart).nth(1), Fault::Reset);
+    let (scene, run) = backup_survives(
+        MULTIPART_PAYLOAD_MIB,
+        Rule::on(Operation::UploadPart).nth(1),
+        Fault::Reset,
+    );
     let parts = scene.proxy().exchanges_of(Operation::UploadPart);
     assert!(
         parts.len() >= 4,
@@ -157,7 +178,11 @@ fn first_part_reset_is_retried() {
 
 #[test]
 fn middle_part_503_is_retried() {
-    backup_survives(Rule::on(Operation::UploadPart).nth(2), Fault::error(503));
+    backup_survives(
+        MULTIPART_PAYLOAD_MIB,
+        Rule::on(Operation::UploadPart).nth(2),
+        Fault::error(503),
+    );
 }
 
 #[test]
@@ -165,6 +190,7 @@ fn last_part_reset_after_forward_is_retried() {
     // The bucket stored the part but the agent never heard; the retry
     // replaces it with the same bytes.
     backup_survives(
+        MULTIPART_PAYLOAD_MIB,
         Rule::on(Operation::UploadPart).nth(3),
         Fault::ResetAfterForward,
     );
@@ -173,6 +199,7 @@ fn last_part_reset_after_forward_is_retried() {
 #[test]
 fn part_stall_is_retried() {
     backup_survives(
+        MULTIPART_PAYLOAD_MIB,
         Rule::on(Operation::UploadPart).nth(2),
         Fault::Stall(Duration::from_secs(20)),
     );
@@ -180,7 +207,7 @@ fn part_stall_is_retried() {
 
 #[test]
 fn part_errors_abort_upload() {
-    let scene = BackupScene::new(PAYLOAD_MIB);
+    let scene = BackupScene::new(MULTIPART_PAYLOAD_MIB);
     scene
         .proxy()
         .inject(Rule::on(Operation::UploadPart).from(2), Fault::error(500));
@@ -206,7 +233,7 @@ fn part_errors_abort_upload() {
 
 #[test]
 fn part_retries_exhausted_fails_backup() {
-    let scene = BackupScene::new(PAYLOAD_MIB);
+    let scene = BackupScene::new(MULTIPART_PAYLOAD_MIB);
     scene
         .proxy()
         .inject(Rule::on(Operation::UploadPart), Fault::error(503));
@@ -233,6 +260,7 @@ fn part_retries_exhausted_fails_backup() {
 #[test]
 fn staging_completion_reset_is_retried() {
     backup_survives(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::CompleteMultipartUpload)
             .key_contains(STAGING)
             .nth(1),
@@ -245,6 +273,7 @@ fn staging_completion_lost_response_is_recovered() {
     // The bucket completed the upload but the response never arrived.
     // moto answers the retried completion as it answered the first.
     backup_survives(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::CompleteMultipartUpload)
             .key_contains(STAGING)
             .nth(1),
@@ -271,7 +300,7 @@ fn lose_completion_then_forget_upload(scene: &BackupScene, folder: &str) {
 
 #[test]
 fn staging_completion_forgotten_upload_is_recovered() {
-    let scene = BackupScene::new(PAYLOAD_MIB);
+    let scene = BackupScene::new(SMALL_PAYLOAD_MIB);
     lose_completion_then_forget_upload(&scene, STAGING);
     let mut invariants = scene.invariants();
 
@@ -284,7 +313,7 @@ fn staging_completion_forgotten_upload_is_recovered() {
 
 #[test]
 fn snapshot_completion_forgotten_upload_is_recovered() {
-    let scene = BackupScene::new(PAYLOAD_MIB);
+    let scene = BackupScene::new(SMALL_PAYLOAD_MIB);
     lose_completion_then_forget_upload(&scene, SNAPSHOTS);
     let mut invariants = scene.invariants();
 
@@ -303,6 +332,7 @@ fn snapshot_completion_forgotten_upload_is_recovered() {
 #[test]
 fn staging_completion_error_fails_backup() {
     backup_fails_then_recovers(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::CompleteMultipartUpload).key_contains(STAGING),
         Fault::error(500),
         &["cannot complete the upload", "CompleteMultipartUpload"],
@@ -312,6 +342,7 @@ fn staging_completion_error_fails_backup() {
 #[test]
 fn snapshot_copy_503_is_retried() {
     backup_survives(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::UploadPartCopy).nth(1),
         Fault::error(503),
     );
@@ -319,7 +350,7 @@ fn snapshot_copy_503_is_retried() {
 
 #[test]
 fn snapshot_copy_error_fails_backup() {
-    let scene = BackupScene::new(PAYLOAD_MIB);
+    let scene = BackupScene::new(SMALL_PAYLOAD_MIB);
     scene
         .proxy()
         .inject(Rule::on(Operation::UploadPartCopy), Fault::error(500));
@@ -349,6 +380,7 @@ fn snapshot_completion_lost_response_is_recovered() {
     // The snapshot exists after the first attempt, so the retry must count
     // as this run's snapshot, not as a name another writer took.
     let (scene, run) = backup_survives(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::CompleteMultipartUpload)
             .key_contains(SNAPSHOTS)
             .nth(1),
@@ -365,7 +397,7 @@ fn snapshot_completion_lost_response_is_recovered() {
 fn snapshot_check_error_keeps_pointer() {
     // The second HEAD of the snapshot's key is the check after the copy;
     // the first asked whether the name was free.
-    let scene = BackupScene::new(PAYLOAD_MIB);
+    let scene = BackupScene::new(SMALL_PAYLOAD_MIB);
     scene.proxy().inject(
         Rule::on(Operation::HeadObject)
             .key_contains(SNAPSHOTS)
@@ -384,6 +416,7 @@ fn snapshot_check_error_keeps_pointer() {
 #[test]
 fn pointer_write_reset_is_retried() {
     backup_survives(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::PutObject).key_contains(LATEST).nth(1),
         Fault::Reset,
     );
@@ -394,6 +427,7 @@ fn pointer_write_lost_response_is_recovered() {
     // The pointer moved, but the agent never heard; its retry fails the
     // If-Match and must find its own snapshot named there.
     let (_scene, run) = backup_survives(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::PutObject).key_contains(LATEST).nth(1),
         Fault::ResetAfterForward,
     );
@@ -406,6 +440,7 @@ fn pointer_write_lost_response_is_recovered() {
 #[test]
 fn pointer_write_error_fails_backup() {
     backup_fails_then_recovers(
+        SMALL_PAYLOAD_MIB,
         Rule::on(Operation::PutObject).key_contains(LATEST),
         Fault::error(503),
         &["system/db/latest was not moved", "server error"],
@@ -438,7 +473,7 @@ fn race_pointer_write(scene: &BackupScene, other: &str) -> AgentRun {
 
 #[test]
 fn pointer_race_with_newer_keeps_newer() {
-    let scene = BackupScene::new(PAYLOAD_MIB);
+    let scene = BackupScene::new(SMALL_PAYLOAD_MIB);
     let mut invariants = scene.invariants();
     // A snapshot from an hour ahead: newer than any this backup can name.
     let newer = snapshot_key(Utc::now() + chrono::Duration::hours(1));
@@ -467,7 +502,7 @@ fn pointer_race_with_newer_keeps_newer() {
 
 #[test]
 fn pointer_race_with_older_moves_forward() {
-    let scene = BackupScene::new(PAYLOAD_MIB);
+    let scene = BackupScene::new(SMALL_PAYLOAD_MIB);
     let mut invariants = scene.invariants();
     let older = "system/db/snapshots/2021-06-01T1200Z.dump";
 
@@ -488,7 +523,7 @@ fn pointer_race_with_older_moves_forward() {
 
 #[test]
 fn bucket_clock_ahead_refuses_backup() {
-    let scene = BackupScene::new(0);
+    let scene = BackupScene::new(SMALL_PAYLOAD_MIB);
     scene
         .proxy()
         .inject(Rule::any(), Fault::ShiftDate { seconds: 600 });
@@ -509,7 +544,7 @@ fn bucket_clock_ahead_refuses_backup() {
 
 #[test]
 fn bucket_clock_behind_refuses_backup() {
-    let scene = BackupScene::new(0);
+    let scene = BackupScene::new(SMALL_PAYLOAD_MIB);
     scene
         .proxy()
         .inject(Rule::any(), Fault::ShiftDate { seconds: -600 });
@@ -526,5 +561,9 @@ fn bucket_clock_behind_refuses_backup() {
 
 #[test]
 fn small_clock_skew_is_accepted() {
-    backup_survives(Rule::any(), Fault::ShiftDate { seconds: 120 });
+    backup_survives(
+        SMALL_PAYLOAD_MIB,
+        Rule::any(),
+        Fault::ShiftDate { seconds: 120 },
+    );
 }

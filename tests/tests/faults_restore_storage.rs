@@ -20,7 +20,7 @@ use matrix_agent_tests::invariants::Ending;
 
 /// Payload of every scenario snapshot: enough for a fault a mebibyte into
 /// the body to hit the middle of it.
-const PAYLOAD_MIB: usize = 4;
+const PAYLOAD_MIB: usize = 2;
 
 /// Where body faults strike: past the first chunks, before the end.
 const ONE_MIB: u64 = 1 << 20;
