@@ -100,7 +100,7 @@ async fn restore(config: &Config, state: &StateDir, started: Instant) -> anyhow:
             } else {
                 "the bucket holds neither machine metadata nor a snapshot"
             };
-            tracing::info!("fresh host: {why}; opening the gate with the database as it is");
+            tracing::info!("fresh host: {why}, so there is nothing to restore");
             RestoreRecord {
                 outcome: RestoreOutcome::FreshHost,
                 snapshot: None,
