@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use matrix_agent_tests::agent::{binary_path, Agent, AgentRun};
 use matrix_agent_tests::fault_proxy::{Fault, Operation, Rule};
 use matrix_agent_tests::fault_scenario::{BackupScene, RestoreScene};
-use matrix_agent_tests::invariants::{downloaded_dumps, Ending};
+use matrix_agent_tests::host::{Host, ObjectStore};
+use matrix_agent_tests::invariants::{downloaded_dumps, Ending, Invariants};
 use matrix_agent_tests::process::kill_process_tree;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -313,4 +314,31 @@ fn marker_in_read_only_directory_keeps_gate_shut() {
     let run = scene.agent().run(&["restore"]);
     invariants.check_restore(&run, Ending::Succeeded);
     scene.assert_restored();
+}
+
+/// A marker path whose directory does not exist fails the same way on a
+/// fresh host, where nothing was restored: the fresh-host decision only
+/// counts once its marker is written.
+#[test]
+fn marker_directory_missing_keeps_gate_shut() {
+    let store = ObjectStore::start_with_proxy();
+    let host = Host::new(&store);
+    let mut invariants = Invariants::new(&store.bucket, &host);
+    let directory = host.marker_path();
+    let directory = directory.parent().expect("the marker has a directory");
+    fs::remove_dir(directory).expect("removing the marker directory");
+
+    let run = host.restore();
+
+    invariants.check_restore(
+        &run,
+        Ending::Failed(&[
+            "cannot write the restore marker",
+            "no such file or directory",
+        ]),
+    );
+    fs::create_dir(directory).expect("creating the marker directory again");
+
+    let run = host.restore();
+    invariants.check_restore(&run, Ending::Succeeded);
 }
