@@ -305,3 +305,56 @@ fn older_pg_restore_is_refused() {
     invariants.check_restore(&run, Ending::Succeeded);
     scene.assert_restored();
 }
+
+/// A password the server rejects is not worth waiting for: the backup
+/// fails at once, long before MATRIX_PG_WAIT, and prints neither password.
+#[test]
+fn backup_with_wrong_password_fails_at_once() {
+    const WRONG_PASSWORD: &str = "matrix-test-wrong-password-7c1e";
+    let scene = BackupScene::new(0);
+    let mut invariants = scene.invariants();
+    let mut agent = scene.agent();
+    agent
+        .set("POSTGRES_PASSWORD", WRONG_PASSWORD)
+        .set("MATRIX_PG_WAIT", "60s");
+
+    let started = Instant::now();
+    let run = agent.run(&["backup"]);
+    let elapsed = started.elapsed();
+
+    invariants.check_backup(
+        &run,
+        Ending::Failed(&[
+            "PostgreSQL rejected the connection",
+            "password authentication failed",
+        ]),
+    );
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "the backup waited for a server that had already rejected it ({elapsed:?})\n{run}"
+    );
+    assert!(
+        !run.stderr.contains(WRONG_PASSWORD),
+        "the backup printed the password it was given\n{run}"
+    );
+    scene.finish(&mut invariants);
+}
+
+#[test]
+fn restore_with_missing_database_fails_closed() {
+    let scene = RestoreScene::new(0);
+    let mut invariants = scene.invariants();
+    let mut agent = scene.agent();
+    agent.set("POSTGRES_DB", "matrix_missing");
+
+    let run = agent.run(&["restore"]);
+
+    invariants.check_restore(
+        &run,
+        Ending::Failed(&[
+            "PostgreSQL rejected the connection",
+            "database \"matrix_missing\" does not exist",
+        ]),
+    );
+    scene.assert_untouched();
+}
