@@ -125,8 +125,23 @@ pub enum Command {
     /// system/host-status.json every MATRIX_HEARTBEAT_INTERVAL (default
     /// 5m). Serves /healthz, /status and /metrics on MATRIX_STATUS_LISTEN
     /// (default 127.0.0.1:7781).
-    #[command(after_help = "Examples:\n  systemctl status matrix-heartbeat\n  \
-        curl -s http://127.0.0.1:7781/healthz\n  curl -s http://127.0.0.1:7781/metrics")]
+    #[command(after_help = "Settings, besides those of backup:
+  MATRIX_PLATFORM_REGISTER_URL  full URL of POST /vps/register (required)
+  MATRIX_REGISTRATION_TOKEN     one-time bearer token, needed until registered
+  MATRIX_IMAGE_VERSION          sent as imageVersion; required to register
+  MATRIX_REGISTER_DEADLINE      how long registration is retried (default: 24h)
+  MATRIX_HEARTBEAT_INTERVAL     time between heartbeats (default: 5m)
+  MATRIX_BACKUP_INTERVAL        /healthz allows twice this between backups (default: 1h)
+  MATRIX_STATUS_LISTEN          endpoint address (default: 127.0.0.1:7781)
+  MATRIX_INSTANCE_DATA          cloud-init instance data with the server id and addresses
+                                (default: /run/cloud-init/instance-data.json)
+  MATRIX_HETZNER_SERVER_ID, MATRIX_PUBLIC_IPV4, MATRIX_PUBLIC_IPV6
+                                override the instance data, each on its own
+
+Examples:
+  systemctl status matrix-heartbeat
+  curl -s http://127.0.0.1:7781/healthz
+  curl -s http://127.0.0.1:7781/metrics")]
     Heartbeat,
 
     /// Show the gate, the last restore and backup, what latest names in the
