@@ -101,18 +101,17 @@ pub fn children_of(parent: u32) -> Vec<u32> {
 /// Kills `root` and everything it started with SIGKILL, as systemd does
 /// to a service's control group.
 ///
-/// The processes are stopped (SIGSTOP) first, each before its children are
-/// listed, so none of them can start another process that escapes the
-/// kill. The caller still reaps `root` if it is its child.
+/// Each process is stopped (SIGSTOP), and its children are listed only
+/// once it has stopped, so none of them can start another process that
+/// escapes the kill. The caller still reaps `root` if it is its child.
 pub fn kill_process_tree(root: u32) {
-    let mut stopped: Vec<u32> = Vec::new();
+    let mut stopped: Vec<u32> = vec![root];
+    stop_and_wait(root);
     let mut next = 0;
-    let _ = signal::kill(Pid::from_raw(root as i32), Signal::SIGSTOP);
-    stopped.push(root);
     while next < stopped.len() {
         for child in children_of(stopped[next]) {
             if !stopped.contains(&child) {
-                let _ = signal::kill(Pid::from_raw(child as i32), Signal::SIGSTOP);
+                stop_and_wait(child);
                 stopped.push(child);
             }
         }
@@ -120,6 +119,26 @@ pub fn kill_process_tree(root: u32) {
     }
     for pid in stopped {
         let _ = signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
+/// Sends SIGSTOP and waits, for up to a second, until the process shows
+/// as stopped, has exited or is gone, because kill(2) returns before the
+/// signal takes effect.
+fn stop_and_wait(pid: u32) {
+    let _ = signal::kill(Pid::from_raw(pid as i32), Signal::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return;
+        };
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if matches!(state, Some("T") | Some("t") | Some("Z") | Some("X") | None) {
+            return;
+        }
+        thread::sleep(Duration::from_millis(1));
     }
 }
 
