@@ -73,10 +73,8 @@ pub async fn run(env: &Env) -> anyhow::Result<()> {
                 settings.status_listen
             )
         })?;
-    tracing::info!(
-        "status endpoint listening on http://{}",
-        settings.status_listen
-    );
+    let bound = listener.local_addr().unwrap_or(settings.status_listen);
+    tracing::info!("status endpoint listening on http://{bound}");
     tokio::spawn(endpoint::serve(
         listener,
         EndpointContext {
@@ -211,8 +209,13 @@ async fn wait_for_gate(config: &Config) {
             Ok(MarkerState::Present) => return,
             state => {
                 if !reported {
+                    let why = match state {
+                        Ok(MarkerState::Invalid(why)) => format!("the marker {why}"),
+                        Err(error) => format!("cannot inspect the marker: {error}"),
+                        _ => "no marker yet".to_string(),
+                    };
                     tracing::info!(
-                        "waiting for the restore gate ({}: {state:?}) before registering",
+                        "waiting for the restore gate before registering: {why} ({})",
                         config.restore_marker.display()
                     );
                     reported = true;
