@@ -163,7 +163,6 @@ where
     match &error {
         SdkError::ServiceError(context) => {
             let service_error = context.err();
-            let code = service_error.code().unwrap_or("no error code");
             let status = status.unwrap_or_default();
             let kind = match status {
                 404 => FailureKind::NotFound,
@@ -172,9 +171,12 @@ where
                 429 | 500..=599 => FailureKind::Server,
                 _ => FailureKind::Other,
             };
-            let detail = match service_error.message() {
-                Some(message) => format!("HTTP {status} {code}: {message}"),
-                None => format!("HTTP {status} {code}: {}", cause_chain(service_error)),
+            // A HEAD response has no body, so it carries no error code and
+            // the SDK's description of it says nothing the status does not.
+            let detail = match (service_error.code(), service_error.message()) {
+                (Some(code), Some(message)) => format!("HTTP {status} {code}: {message}"),
+                (Some(code), None) => format!("HTTP {status} {code}"),
+                (None, _) => format!("HTTP {status}"),
             };
             StoreError::new(kind, operation, key, detail)
         }
