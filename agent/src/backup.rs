@@ -449,7 +449,9 @@ async fn dump_and_upload(
 
     // When the upload failed, pg_dump was killed because of it: report the
     // upload's error rather than the kill.
-    let streamed = uploaded?;
+    let streamed = uploaded.context(
+        "cannot upload the dump; the upload was aborted and system/db/latest was not moved",
+    )?;
     if !status.success() {
         let reason = postgres::describe_exit(&status);
         let detail = if stderr_tail.is_empty() {
@@ -554,7 +556,10 @@ async fn verify_stored(
     let key = config.object_key(&snapshot.key());
     let info = store
         .head(&key)
-        .await?
+        .await
+        .with_context(|| {
+            format!("cannot check the stored snapshot {snapshot}; system/db/latest was not moved")
+        })?
         .ok_or_else(|| anyhow!("{key} is missing right after it was created"))?;
     if info.size != size {
         bail!(
