@@ -187,7 +187,12 @@ async fn restore_snapshot(
     let info = store
         .head(&key)
         .await
-        .with_context(|| format!("cannot read the snapshot {snapshot}"))?
+        .map_err(|error| {
+            anyhow!(
+                "cannot read the snapshot {snapshot}: {error}; the gate stays shut. Check the \
+                 network and the bucket, then run `systemctl restart matrix-restore`"
+            )
+        })?
         .ok_or_else(|| {
             anyhow!(
                 "system/db/latest names {snapshot}, but that object does not exist; the gate \
@@ -365,7 +370,9 @@ async fn download(
         );
         if !retryable || attempt >= DOWNLOAD_ATTEMPTS {
             bail!(
-                "the download of the snapshot failed after {} of {} bytes: {failure}",
+                "the download of the snapshot failed after {} of {} bytes: {failure}; the \
+                 gate stays shut. Check the network and the bucket, then run `systemctl \
+                 restart matrix-restore`",
                 written,
                 info.size
             );
