@@ -1,7 +1,7 @@
 //! Malformed environments: every missing, empty or invalid setting makes
-//! the agent exit 2 with one line that names the variable, before it
-//! touches the bucket, the database or the restore marker, and without
-//! printing a secret (the harness checks every run's output for those).
+//! the agent exit 2 with one line that names the variable. The agent must
+//! not touch the bucket, the database or the restore marker first, and
+//! must print no secret, which the harness checks in every run's output.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,8 +20,8 @@ const EVERY_COMMAND: &[&str] = &["backup", "restore", "heartbeat"];
 /// The command that also reads the heartbeat's own settings.
 const HEARTBEAT: &[&str] = &["heartbeat"];
 
-/// The registration token of the environment; the agent must never print
-/// it either.
+/// The registration token of the environment, which the agent must never
+/// print either.
 const REGISTRATION_TOKEN: &str = "matrix-test-registration-token-3f9a61c0";
 
 /// A complete, valid environment whose bucket, database and platform are
@@ -47,6 +47,7 @@ impl Environment {
         let path = |name: &str| dir.path().join(name).display().to_string();
         let env_dir = path("env");
         std::fs::create_dir(&env_dir).expect("creating the env directory");
+
         let vars = [
             ("MATRIX_MACHINE_ID", uuid::Uuid::new_v4().to_string()),
             ("MATRIX_CLERK_USER_ID", USER_ID.to_owned()),
@@ -178,7 +179,7 @@ macro_rules! rejected {
 
 /// The control for every test below: the unchanged environment passes the
 /// configuration check, so a rejection comes from the one change a test
-/// makes. Backup then refuses because the restore gate is shut.
+/// makes. Backup then fails because the restore gate is shut.
 #[test]
 fn valid_environment_passes_configuration() {
     let environment = Environment::new();
