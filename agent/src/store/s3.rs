@@ -171,12 +171,14 @@ where
                 429 | 500..=599 => FailureKind::Server,
                 _ => FailureKind::Other,
             };
-            // A HEAD response has no body, so it carries no error code and
-            // the SDK's description of it says nothing the status does not.
+            // An error response without an S3 error code, such as the
+            // bodiless answer to a HEAD, says nothing the status does not;
+            // a success that failed to parse keeps the parser's reason.
             let detail = match (service_error.code(), service_error.message()) {
                 (Some(code), Some(message)) => format!("HTTP {status} {code}: {message}"),
                 (Some(code), None) => format!("HTTP {status} {code}"),
-                (None, _) => format!("HTTP {status}"),
+                (None, _) if status >= 300 => format!("HTTP {status}"),
+                (None, _) => format!("HTTP {status}: {}", cause_chain(service_error)),
             };
             StoreError::new(kind, operation, key, detail)
         }
