@@ -137,6 +137,22 @@ fn pointer_read_stall_is_retried() {
 }
 
 #[test]
+fn snapshot_name_check_error_fails_backup() {
+    // The first HEAD of the snapshot's key asks whether the minute's name
+    // is free, before anything is uploaded.
+    let run = backup_fails_then_recovers(
+        SMALL_PAYLOAD_MIB,
+        Rule::on(Operation::HeadObject).key_contains(SNAPSHOTS),
+        Fault::error(503),
+        &["snapshot name is free", "HTTP 503"],
+    );
+    assert!(
+        !run.stderr.contains("dumping into"),
+        "the backup started the dump without a free name\n{run}"
+    );
+}
+
+#[test]
 fn create_upload_throttling_is_retried() {
     backup_survives(
         SMALL_PAYLOAD_MIB,
@@ -351,6 +367,15 @@ fn snapshot_copy_503_is_retried() {
         SMALL_PAYLOAD_MIB,
         Rule::on(Operation::UploadPartCopy).nth(1),
         Fault::error(503),
+    );
+}
+
+#[test]
+fn snapshot_copy_lost_response_is_retried() {
+    backup_survives(
+        SMALL_PAYLOAD_MIB,
+        Rule::on(Operation::UploadPartCopy).nth(1),
+        Fault::ResetAfterForward,
     );
 }
 
