@@ -202,7 +202,7 @@ pub async fn copy_object(
 
 /// Completes an upload, and accepts an object that `is_ours` recognises
 /// when the completion fails with not-found. A completion whose response
-/// was lost is retried, and a store that forgets an upload once it is
+/// was lost is retried, and a store that discards an upload once it is
 /// complete answers the retry with NoSuchUpload although the object was
 /// written.
 pub async fn complete_upload(
