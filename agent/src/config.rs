@@ -158,6 +158,13 @@ impl Env {
             .filter(|value| !value.is_empty())
     }
 
+    /// Checks whether a variable is set to nothing but whitespace.
+    fn is_blank(&self, name: &str) -> bool {
+        self.vars
+            .get(name)
+            .is_some_and(|value| value.trim().is_empty())
+    }
+
     /// Returns the first of several names that is set, with the name used.
     fn first<'a>(&'a self, names: &[&'a str]) -> Option<(&'a str, &'a str)> {
         names
@@ -207,8 +214,17 @@ pub fn restore_marker_path(env: &Env) -> PathBuf {
 struct Problems(Vec<String>);
 
 impl Problems {
-    fn missing(&mut self, name: &str) {
-        self.0.push(format!("{name} is not set"));
+    /// Records that none of `names` (a variable and its aliases) has a
+    /// value. A variable set to nothing is reported as empty, because the
+    /// line is in the env file and only its value is missing, as when a
+    /// template placeholder was rendered empty.
+    fn missing(&mut self, env: &Env, names: &[&str]) {
+        let problem = match names.iter().find(|name| env.is_blank(name)) {
+            Some(name) => format!("{name} is empty"),
+            None if names.len() == 1 => format!("{} is not set", names[0]),
+            None => format!("{} (or {}) is not set", names[0], names[1..].join(" or ")),
+        };
+        self.0.push(problem);
     }
 
     fn invalid(&mut self, name: &str, reason: impl fmt::Display) {
@@ -224,7 +240,7 @@ impl Config {
 
         let machine_id = match env.get("MATRIX_MACHINE_ID") {
             None => {
-                problems.missing("MATRIX_MACHINE_ID");
+                problems.missing(env, &["MATRIX_MACHINE_ID"]);
                 None
             }
             Some(text) => match Uuid::parse_str(text) {
@@ -238,7 +254,7 @@ impl Config {
 
         let user_id = match env.get("MATRIX_CLERK_USER_ID") {
             None => {
-                problems.missing("MATRIX_CLERK_USER_ID");
+                problems.missing(env, &["MATRIX_CLERK_USER_ID"]);
                 None
             }
             Some(id) if keys::valid_user_id(id) => Some(id.to_string()),
@@ -253,7 +269,7 @@ impl Config {
 
         let prefix = match env.first(&["MATRIX_R2_PREFIX", "R2_PREFIX"]) {
             None => {
-                problems.missing("MATRIX_R2_PREFIX (or R2_PREFIX)");
+                problems.missing(env, &["MATRIX_R2_PREFIX", "R2_PREFIX"]);
                 None
             }
             Some((name, prefix)) => match &user_id {
@@ -416,7 +432,7 @@ impl HeartbeatSettings {
         let mut problems = Problems::default();
         let register_url = match env.get("MATRIX_PLATFORM_REGISTER_URL") {
             None => {
-                problems.missing("MATRIX_PLATFORM_REGISTER_URL");
+                problems.missing(env, &["MATRIX_PLATFORM_REGISTER_URL"]);
                 String::new()
             }
             Some(url) => {
@@ -528,7 +544,7 @@ fn absolute_path(env: &Env, name: &str, default: &str, problems: &mut Problems) 
 fn read_s3(env: &Env, problems: &mut Problems) -> Option<S3Config> {
     let bucket = match env.first(&["MATRIX_R2_BUCKET", "R2_BUCKET"]) {
         None => {
-            problems.missing("MATRIX_R2_BUCKET (or R2_BUCKET)");
+            problems.missing(env, &["MATRIX_R2_BUCKET", "R2_BUCKET"]);
             None
         }
         Some((name, bucket)) => {
@@ -561,18 +577,18 @@ fn read_s3(env: &Env, problems: &mut Problems) -> Option<S3Config> {
             }
         }
         (None, None) => {
-            problems.missing("R2_ENDPOINT (or R2_ACCOUNT_ID)");
+            problems.missing(env, &["R2_ENDPOINT", "R2_ACCOUNT_ID"]);
             None
         }
     };
 
     let access_key_id = env.get("AWS_ACCESS_KEY_ID");
     if access_key_id.is_none() {
-        problems.missing("AWS_ACCESS_KEY_ID");
+        problems.missing(env, &["AWS_ACCESS_KEY_ID"]);
     }
     let secret_access_key = env.get("AWS_SECRET_ACCESS_KEY");
     if secret_access_key.is_none() {
-        problems.missing("AWS_SECRET_ACCESS_KEY");
+        problems.missing(env, &["AWS_SECRET_ACCESS_KEY"]);
     }
     let region = env.get("AWS_DEFAULT_REGION").unwrap_or("auto").to_string();
     let timeouts = read_s3_timeouts(env, problems);
@@ -632,11 +648,11 @@ fn read_s3_timeouts(env: &Env, problems: &mut Problems) -> S3Timeouts {
 fn read_postgres(env: &Env, problems: &mut Problems) -> Option<PostgresConfig> {
     let database = env.get("POSTGRES_DB");
     if database.is_none() {
-        problems.missing("POSTGRES_DB");
+        problems.missing(env, &["POSTGRES_DB"]);
     }
     let user = env.get("POSTGRES_USER");
     if user.is_none() {
-        problems.missing("POSTGRES_USER");
+        problems.missing(env, &["POSTGRES_USER"]);
     }
     let port = match env.get("PGPORT") {
         None => 5432,
@@ -762,7 +778,7 @@ mod tests {
         );
         assert!(message.contains("R2_ENDPOINT is invalid"), "{message}");
         assert!(
-            message.contains("AWS_SECRET_ACCESS_KEY is not set"),
+            message.contains("AWS_SECRET_ACCESS_KEY is empty"),
             "{message}"
         );
     }
@@ -780,6 +796,17 @@ mod tests {
         ] {
             assert!(!debug.contains(secret), "{debug}");
         }
+    }
+
+    #[test]
+    fn empty_variables_are_told_from_missing_ones() {
+        let mut env = with(&[("MATRIX_MACHINE_ID", " "), ("R2_PREFIX", "")]);
+        env.vars.remove("MATRIX_R2_PREFIX");
+        env.vars.remove("POSTGRES_DB");
+        let message = problems(&env);
+        assert!(message.contains("MATRIX_MACHINE_ID is empty"), "{message}");
+        assert!(message.contains("R2_PREFIX is empty"), "{message}");
+        assert!(message.contains("POSTGRES_DB is not set"), "{message}");
     }
 
     #[test]
