@@ -195,7 +195,7 @@ fn valid_environment_passes_configuration() {
 
 rejected! {
     machine_id_missing: EVERY_COMMAND, [("MATRIX_MACHINE_ID", UNSET)] => "MATRIX_MACHINE_ID is not set";
-    machine_id_empty: EVERY_COMMAND, [("MATRIX_MACHINE_ID", set(""))] => "MATRIX_MACHINE_ID is not set";
+    machine_id_empty: EVERY_COMMAND, [("MATRIX_MACHINE_ID", set(""))] => "MATRIX_MACHINE_ID is empty";
     machine_id_not_uuid: EVERY_COMMAND, [("MATRIX_MACHINE_ID", set("machine-0001"))]
         => "MATRIX_MACHINE_ID is invalid: expected a UUID";
     machine_id_holding_secret: EVERY_COMMAND, [("MATRIX_MACHINE_ID", set(SECRET_ACCESS_KEY))]
@@ -204,14 +204,14 @@ rejected! {
         => "MATRIX_MACHINE_ID is invalid";
 
     user_id_missing: EVERY_COMMAND, [("MATRIX_CLERK_USER_ID", UNSET)] => "MATRIX_CLERK_USER_ID is not set";
-    user_id_empty: EVERY_COMMAND, [("MATRIX_CLERK_USER_ID", set(" "))] => "MATRIX_CLERK_USER_ID is not set";
+    user_id_empty: EVERY_COMMAND, [("MATRIX_CLERK_USER_ID", set(" "))] => "MATRIX_CLERK_USER_ID is empty";
     user_id_with_slash: EVERY_COMMAND, [("MATRIX_CLERK_USER_ID", set("user_2x/../other"))]
         => "MATRIX_CLERK_USER_ID is invalid";
     user_id_too_short: EVERY_COMMAND, [("MATRIX_CLERK_USER_ID", set("ab"))]
         => "MATRIX_CLERK_USER_ID is invalid";
 
     prefix_missing: EVERY_COMMAND, [("MATRIX_R2_PREFIX", UNSET)] => "MATRIX_R2_PREFIX (or R2_PREFIX) is not set";
-    prefix_empty: EVERY_COMMAND, [("MATRIX_R2_PREFIX", set(""))] => "MATRIX_R2_PREFIX (or R2_PREFIX) is not set";
+    prefix_empty: EVERY_COMMAND, [("MATRIX_R2_PREFIX", set(""))] => "MATRIX_R2_PREFIX is empty";
     prefix_without_trailing_slash: EVERY_COMMAND,
         [("MATRIX_R2_PREFIX", set("matrixos-sync/user_2xMatrixTests01"))]
         => "MATRIX_R2_PREFIX is invalid: must have the form matrixos-sync/<userId>/";
@@ -251,10 +251,10 @@ rejected! {
 
     access_key_missing: EVERY_COMMAND, [("AWS_ACCESS_KEY_ID", UNSET)] => "AWS_ACCESS_KEY_ID is not set";
     secret_key_missing: EVERY_COMMAND, [("AWS_SECRET_ACCESS_KEY", UNSET)] => "AWS_SECRET_ACCESS_KEY is not set";
-    secret_key_empty: EVERY_COMMAND, [("AWS_SECRET_ACCESS_KEY", set(""))] => "AWS_SECRET_ACCESS_KEY is not set";
+    secret_key_empty: EVERY_COMMAND, [("AWS_SECRET_ACCESS_KEY", set(""))] => "AWS_SECRET_ACCESS_KEY is empty";
 
     postgres_db_missing: EVERY_COMMAND, [("POSTGRES_DB", UNSET)] => "POSTGRES_DB is not set";
-    postgres_user_empty: EVERY_COMMAND, [("POSTGRES_USER", set(""))] => "POSTGRES_USER is not set";
+    postgres_user_empty: EVERY_COMMAND, [("POSTGRES_USER", set(""))] => "POSTGRES_USER is empty";
     pgport_not_number: EVERY_COMMAND, [("PGPORT", set("54x2"))] => "PGPORT is invalid";
     pgport_zero: EVERY_COMMAND, [("PGPORT", set("0"))] => "PGPORT is invalid";
     pgport_too_large: EVERY_COMMAND, [("PGPORT", set("70000"))] => "PGPORT is invalid";
@@ -303,6 +303,8 @@ rejected! {
 
     register_url_missing: HEARTBEAT, [("MATRIX_PLATFORM_REGISTER_URL", UNSET)]
         => "MATRIX_PLATFORM_REGISTER_URL is not set";
+    register_url_empty: HEARTBEAT, [("MATRIX_PLATFORM_REGISTER_URL", set(""))]
+        => "MATRIX_PLATFORM_REGISTER_URL is empty";
     register_url_without_scheme: HEARTBEAT,
         [("MATRIX_PLATFORM_REGISTER_URL", set("127.0.0.1/vps/register"))]
         => "MATRIX_PLATFORM_REGISTER_URL is invalid: expected an http:// or https:// URL";
