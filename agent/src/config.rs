@@ -799,7 +799,7 @@ mod tests {
     }
 
     #[test]
-    fn empty_variables_are_told_from_missing_ones() {
+    fn empty_variable_reported_as_empty() {
         let mut env = with(&[("MATRIX_MACHINE_ID", " "), ("R2_PREFIX", "")]);
         env.vars.remove("MATRIX_R2_PREFIX");
         env.vars.remove("POSTGRES_DB");
