@@ -61,10 +61,11 @@ fn pg_dump_of(agent_pid: u32) -> u32 {
         .unwrap_or_else(|| panic!("agent {agent_pid} has no pg_dump child"))
 }
 
-/// Adds a small table that pg_dump dumps after `payload`, which sorts
-/// before it. A dump blocked in `payload` has yet to ask the server for
-/// this table's rows, so it cannot complete once the server is gone, even
-/// when the socket buffers already hold the rest of `payload`.
+/// Adds a small table whose rows pg_dump copies after `payload`'s, since it
+/// copies tables in name order. A dump blocked in `payload` has yet to ask
+/// the server for this table's rows, so it cannot complete once the server
+/// is gone, even when the socket buffers already hold the rest of
+/// `payload`.
 fn add_table_dumped_last(cluster: &Cluster) {
     cluster.psql(
         "CREATE TABLE zz_dumped_last (id integer PRIMARY KEY);
