@@ -40,7 +40,16 @@ pub async fn require_ownership(
     }
     let registered = state.is_registered(&config.machine_id.to_string());
     match vps_meta::ownership(meta.as_ref(), config.machine_id, registered) {
-        Ownership::Unclaimed | Ownership::Ours => Ok(()),
+        Ownership::Ours => Ok(()),
+        // Once superseded, a host stays so while the metadata is missing:
+        // only the platform naming this machine again lets it write.
+        Ownership::Unclaimed => match state.heartbeat().superseded_by {
+            Some(other) => bail!(
+                "{action} refused: this host is superseded; {key} is missing, and the \
+                 heartbeat last saw it name machine {other}, a newer replacement"
+            ),
+            None => Ok(()),
+        },
         Ownership::NotRegisteredYet { other } => bail!(
             "{action} refused: not registered yet; {key} still names machine {other}, not \
              this machine {}; the next run tries again after `matrix-heartbeat` registers",

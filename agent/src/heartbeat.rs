@@ -273,9 +273,12 @@ async fn beat(
             Ownership::NotRegisteredYet { .. } => {
                 write_own_meta(store, config, settings, claim).await
             }
-            Ownership::Unclaimed if registered => {
-                write_own_meta(store, config, settings, claim).await
-            }
+            // A superseded host does not reclaim metadata that went
+            // missing: the replacement that superseded it owns the bucket.
+            Ownership::Unclaimed if registered => match state.heartbeat().superseded_by {
+                Some(other) => return Ok(Beat::Superseded { other }),
+                None => write_own_meta(store, config, settings, claim).await,
+            },
             Ownership::Unclaimed => Ok(()),
             Ownership::Ours => {
                 let document = meta.expect("ours implies present").document;

@@ -867,6 +867,57 @@ fn superseded_host_stops_every_write() {
     );
 }
 
+#[test]
+fn superseded_host_keeps_off_missing_meta() {
+    let store = ObjectStore::start_recording();
+    let host = fresh_host(&store);
+    let platform = start_platform(&store, PlatformConfig::new(REGISTRATION_TOKEN));
+    let agent = heartbeat_agent(&host, &platform);
+    let service = HeartbeatService::start(&agent);
+    wait_for_registration_state(&host, &service, "registered");
+    wait_for_meta_naming(&store, host.machine_id(), &service);
+
+    let replacement = uuid::Uuid::new_v4().to_string();
+    store.register(&replacement);
+    let noticed = poll_until(SETTLE_TIMEOUT, || {
+        (service.get("/healthz").status == 503).then_some(())
+    });
+    store.bucket.delete(VPS_META);
+    let reads_after_delete = reads_of(&store, VPS_META);
+    let ticked = poll_until(SETTLE_TIMEOUT * QUIET_TICKS as u32, || {
+        (reads_of(&store, VPS_META) >= reads_after_delete + QUIET_TICKS).then_some(())
+    });
+    let meta_after_ticks = store.bucket.get(VPS_META);
+    let health = service.get("/healthz");
+    let backup = agent.run(&["backup"]);
+    let run = service.stop();
+
+    assert!(
+        noticed.is_some(),
+        "/healthz never answered 503 after the replacement registered\n{run}"
+    );
+    assert!(
+        ticked.is_some(),
+        "the heartbeat stopped reading vps-meta.json\n{run}"
+    );
+    assert!(
+        meta_after_ticks.is_none(),
+        "the superseded host wrote vps-meta.json again\n{run}"
+    );
+    assert_eq!(health.status, 503, "/healthz: {}", health.body);
+    backup.assert_exit_code(1);
+    assert_no_token_in_run(&backup);
+    assert!(
+        backup.output_lowercase().contains("superseded"),
+        "backup does not say why it refused\n{backup}"
+    );
+    assert_eq!(
+        store.bucket.latest_pointer(),
+        None,
+        "the refused backup moved the pointer\n{backup}"
+    );
+}
+
 /// Reads the value of one sample, or panics with the scrape.
 fn metric(exposition: &Exposition, scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     exposition
