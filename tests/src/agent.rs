@@ -31,6 +31,14 @@ pub const SECRETS: [&str; 4] = [
     DATABASE_PASSWORD,
 ];
 
+/// What each entry of [`SECRETS`] is, for messages that must not show it.
+const SECRET_NAMES: [&str; 4] = [
+    "bucket access key id",
+    "bucket secret key",
+    "bucket session token",
+    "database password",
+];
+
 /// Asserts that no file under `dir` (the agent's state directory, say)
 /// contains a secret value.
 pub fn assert_no_secrets_in_files(dir: &Path) {
@@ -46,10 +54,10 @@ pub fn assert_no_secrets_in_files(dir: &Path) {
             }
             let content = fs::read(&path).unwrap_or_default();
             let content = String::from_utf8_lossy(&content);
-            for secret in SECRETS {
+            for (secret, name) in SECRETS.iter().zip(SECRET_NAMES) {
                 assert!(
                     !content.contains(secret),
-                    "{} contains the secret {secret:?}",
+                    "{} contains the {name}",
                     path.display()
                 );
             }
@@ -210,10 +218,12 @@ impl RunningAgent {
             stdout: self.stdout.join().expect("stdout reader panicked"),
             stderr: self.stderr.join().expect("stderr reader panicked"),
         };
+        // Checked before the output is printed, so that a leak fails the
+        // test without showing the secret.
+        run.assert_no_secrets();
         // The test harness shows this only for failing tests, where every
         // run of the test helps explain the failure.
         eprintln!("{run}\n");
-        run.assert_no_secrets();
         assert!(
             !timed_out,
             "the agent ran longer than {RUN_TIMEOUT:?}\n{run}"
@@ -263,15 +273,15 @@ impl AgentRun {
     /// Asserts that no secret value appears in stdout or stderr. [`Agent`]
     /// calls this on every run before it returns the run.
     pub fn assert_no_secrets(&self) {
-        for secret in SECRETS {
+        for (secret, name) in SECRETS.iter().zip(SECRET_NAMES) {
             assert!(
                 !self.stdout.contains(secret),
-                "{} printed the secret {secret:?} on stdout",
+                "{} printed the {name} on stdout",
                 self.command_line
             );
             assert!(
                 !self.stderr.contains(secret),
-                "{} printed the secret {secret:?} on stderr",
+                "{} printed the {name} on stderr",
                 self.command_line
             );
         }
