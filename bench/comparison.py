@@ -281,6 +281,12 @@ class Summary:
         )
 
 
+def rounds_description(count):
+    if count == 1:
+        return "1, the agent first"
+    return f"{count}, alternating which side runs first"
+
+
 def load_average():
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
@@ -311,7 +317,7 @@ def run(bench, registration, scale_mib, rounds_requested, budget, run_started, c
     )
     if not rounds_requested and total_rounds < MIN_ROUNDS:
         print(
-            f"running {total_rounds} rounds: {MIN_ROUNDS} do not fit in "
+            f"running only {total_rounds} of {MIN_ROUNDS} rounds, because more do not fit in "
             f"BENCH_BUDGET={budget:.0f}s at this scale (set BENCH_ROUNDS to insist)",
             flush=True,
         )
@@ -327,7 +333,7 @@ def run(bench, registration, scale_mib, rounds_requested, budget, run_started, c
         "dump": f"{mebibytes(summary.dump_bytes)} from the baseline (`pg_dump -Fc`, level 6), "
                 f"{mebibytes(bench.last_backup()['size'])} from the agent (level "
                 f"{ceilings.compression})",
-        "rounds": f"{len(rounds)}, alternating which side runs first",
+        "rounds": rounds_description(len(rounds)),
         "agent settings": "defaults (no MATRIX_PART_SIZE, MATRIX_UPLOAD_CONCURRENCY, "
                           "MATRIX_DUMP_COMPRESSION or MATRIX_RESTORE_JOBS); pg_dump "
                           f"compression level {ceilings.compression}",

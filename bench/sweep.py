@@ -3,7 +3,7 @@ tuning variables, to choose their defaults."""
 
 import dataset
 import report
-from harness import SOURCE_DB, agent_steps
+from harness import SOURCE_DB, agent_compression, agent_steps
 from report import mebibytes, median, seconds, table
 
 PART_SIZES_MIB = (8, 16, 32)
@@ -28,8 +28,8 @@ def step_median(runs, step):
 
 
 def sweep_uploads(bench, repeats):
-    dump_to_null = median([bench.dump_to_null().wall for _ in range(repeats)])
     rows = []
+    compression = None
     for part in PART_SIZES_MIB:
         for concurrency in CONCURRENCIES:
             label = f"backup-part{part}-c{concurrency}"
@@ -40,6 +40,7 @@ def sweep_uploads(bench, repeats):
                 for _ in range(repeats)
             ]
             wall = median([run.wall for run in runs])
+            compression = agent_compression(runs[0].log_path)
             rows.append([
                 f"{part} MiB", str(concurrency), parts_in_flight(runs[-1].log_path),
                 seconds(wall), seconds(step_median(runs, "stream")),
@@ -47,11 +48,13 @@ def sweep_uploads(bench, repeats):
                 mebibytes(max(run.peak_rss("matrix-agent") for run in runs)),
             ])
             print(f"{label}: {seconds(wall)}", flush=True)
+    dump_to_null = median([bench.dump_to_null(compression).wall for _ in range(repeats)])
     return "\n\n".join([
         "### Part size and upload concurrency (default compression)",
-        f"Median of {repeats} backups each. `pg_dump -Fc -f /dev/null` takes "
-        f"{seconds(dump_to_null)}. The agent lowers the parts in flight so that part "
-        f"buffers stay within 32 MiB, so several settings run alike. \"stream\" is "
+        f"Median of {repeats} backups each. `pg_dump -Fc --compress={compression} -f "
+        f"/dev/null`, the agent's default level, takes {seconds(dump_to_null)}. The "
+        f"agent lowers the parts in flight so that part buffers stay within 32 MiB, "
+        f"so several settings run alike. \"stream\" is "
         f"pg_dump into the staging upload; \"publish\" is the server-side copy to the "
         f"snapshot key, the check and the pointer move.",
         table(["part size", "concurrency", "parts in flight", "backup", "stream", "publish",
