@@ -100,7 +100,7 @@ cleanup() {
 # Builds the bundle and the fake platform while the root file system is
 # built (or found cached) in the background. Sets ROOTFS and IMAGE_VERSION.
 build_everything() {
-    setsid "$E2E_DIR/build-rootfs.sh" >"$E2E_BUILD/rootfs.path" 2>"$E2E_LOGS/build-rootfs.log" &
+    setsid "$E2E_DIR/build-rootfs.sh" >"$E2E_RUN/rootfs.path" 2>"$E2E_LOGS/build-rootfs.log" &
     ROOTFS_JOB=$!
 
     IMAGE_VERSION="matrix-os-host-e2e-$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unversioned)"
@@ -119,7 +119,7 @@ build_everything() {
     fi
     ROOTFS_JOB=""
     cat "$E2E_LOGS/build-rootfs.log" >&2
-    ROOTFS=$(tail -n 1 "$E2E_BUILD/rootfs.path")
+    ROOTFS=$(tail -n 1 "$E2E_RUN/rootfs.path")
     [ -f "$ROOTFS/.e2e-complete" ] || die "the root file system at '$ROOTFS' is incomplete"
 }
 
