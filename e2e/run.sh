@@ -24,15 +24,17 @@
 # Everything the test starts listens on 127.0.0.1: moto_server stores the
 # customer's bucket and the fake platform (fake-platform/) serves the
 # bundle and POST /vps/register over HTTPS with a test CA. The container
-# shares this machine's network namespace, so its PostgreSQL listens on
-# 127.0.0.1:5432, which must be free. cloud-init reads a NoCloud seed only.
-# Downloads go to Debian's mirror alone: debootstrap, and apt-get inside
-# the container.
+# shares this machine's network namespace, so its PostgreSQL and the
+# heartbeat's status endpoint take 127.0.0.1:5432 and 127.0.0.1:7781, which
+# must be free. cloud-init reads a NoCloud seed only. Downloads come from
+# Debian's mirror (debootstrap, apt-get here and inside the container) and,
+# when moto_server is missing or older than 5.2.5, from PyPI.
 #
 # Files: build/e2e/rootfs-<key>/ caches the root file system between runs,
 # build/e2e/logs/<scenario>/ keeps each scenario's console, journal and
-# request logs, and build/e2e/run/ holds the containers' copies while they
-# run. E2E_KEEP=1 keeps those copies for inspection.
+# request logs with the customer's secrets redacted, and build/e2e/run/
+# contains the containers' copies while they run. E2E_KEEP=1 keeps those
+# copies for inspection.
 set -euo pipefail
 
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
