@@ -1,7 +1,7 @@
 """Checks for the end-to-end test that are easier over parsed JSON.
 
 Each command exits 0 when the check holds, and otherwise 1 with one line
-on standard error that says what was found instead.
+on standard error that describes what was found instead.
 
 Commands:
   registrations FILE

@@ -49,8 +49,8 @@ prepare_root() {
 }
 
 # Installs a matrix-gateway.service into the tree at $1 that appends the
-# UTC time to /var/lib/matrix-e2e/gateway-starts and then sleeps. Like the
-# real gateway it is started by the user data's setup script; it is not
+# UTC time to /var/lib/matrix-e2e/gateway-starts and then sleeps. The user
+# data's setup script starts it, as it starts the real gateway. It is not
 # enabled, so it does not start at boot on its own.
 install_gateway_stand_in() {
     cat >"$1/etc/systemd/system/matrix-gateway.service" <<'UNIT'

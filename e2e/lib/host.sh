@@ -9,8 +9,8 @@ readonly MOTO_VENV=/opt/matrix-dev/moto
 
 apt_updated=false
 
-# Another apt-get or dpkg run (a parallel `make test` installing its tools,
-# say) holds the dpkg lock for a while; wait up to 5 minutes for it.
+# Another apt-get or dpkg run, such as a parallel `make test` installing
+# its tools, may hold the dpkg lock. apt-get waits up to 5 minutes for it.
 readonly APT_LOCK_WAIT=(-o DPkg::Lock::Timeout=300)
 
 apt_install() {
