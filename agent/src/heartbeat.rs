@@ -2,8 +2,8 @@
 //! host once, keeps `lastSyncAt` fresh, publishes the host's health, and
 //! serves the local endpoint.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
@@ -28,6 +28,35 @@ use crate::vps_meta::{self, Ownership, VpsMeta};
 const GATE_POLL: Duration = Duration::from_secs(2);
 /// Attempts of the conditional read-modify-write of the metadata.
 const META_ATTEMPTS: usize = 3;
+/// The longest one heartbeat may take before it counts as failed.
+const BEAT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Slack on top of the longest expected gap between two loop iterations.
+const PROGRESS_SLACK: Duration = Duration::from_secs(60);
+
+/// When the heartbeat loop last went round, so that the watchdog stops
+/// pinging systemd, which then restarts the service, once the loop hangs.
+#[derive(Clone)]
+struct Progress(Arc<Mutex<Instant>>);
+
+impl Progress {
+    fn new() -> Progress {
+        Progress(Arc::new(Mutex::new(Instant::now())))
+    }
+
+    fn mark(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Instant::now();
+    }
+
+    fn age(&self) -> Duration {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .elapsed()
+    }
+}
 
 /// What one heartbeat did.
 #[derive(Debug, PartialEq, Eq)]
@@ -88,12 +117,28 @@ pub async fn run(env: &Env) -> anyhow::Result<()> {
         NotifyState::Ready,
         NotifyState::Status("waiting for the restore gate"),
     ]);
+    let progress = Progress::new();
     if let Some(timeout) = sd_notify::watchdog_enabled() {
+        // A beat may take BEAT_TIMEOUT and starts at most one interval
+        // after the previous one ended.
+        let stall_limit = settings.interval + BEAT_TIMEOUT + PROGRESS_SLACK;
+        let progress = progress.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(timeout / 2);
+            let mut reported = false;
             loop {
                 ticker.tick().await;
-                notify(&[NotifyState::Watchdog]);
+                let age = progress.age();
+                if age <= stall_limit {
+                    notify(&[NotifyState::Watchdog]);
+                } else if !reported {
+                    tracing::error!(
+                        "the heartbeat loop made no progress for {}s; withholding the watchdog \
+                         ping so that systemd restarts the service",
+                        age.as_secs()
+                    );
+                    reported = true;
+                }
             }
         });
     }
@@ -101,7 +146,7 @@ pub async fn run(env: &Env) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     tokio::select! {
-        result = serve_heartbeats(config.clone(), settings, state) => result,
+        result = serve_heartbeats(config.clone(), settings, state, progress) => result,
         _ = terminate.recv() => {
             notify(&[NotifyState::Stopping]);
             tracing::info!("heartbeat stopping on SIGTERM");
@@ -119,8 +164,9 @@ async fn serve_heartbeats(
     config: Arc<Config>,
     settings: HeartbeatSettings,
     state: StateDir,
+    progress: Progress,
 ) -> anyhow::Result<()> {
-    wait_for_gate(&config).await;
+    wait_for_gate(&config, &progress).await;
     let store = store::open(&config.store).await?;
 
     // Registration runs on its own, because its retries may take hours
@@ -156,7 +202,19 @@ async fn serve_heartbeats(
             _ = ticker.tick() => {}
             _ = registered.notified() => {}
         }
-        let result = beat(store.as_ref(), &config, &settings, &state).await;
+        let result = match tokio::time::timeout(
+            BEAT_TIMEOUT,
+            beat(store.as_ref(), &config, &settings, &state),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(anyhow!(
+                "the heartbeat did not finish within {}s",
+                BEAT_TIMEOUT.as_secs()
+            )),
+        };
+        progress.mark();
         let mut record = state.heartbeat();
         let status_line = match &result {
             Ok(Beat::Sent) => {
@@ -202,9 +260,10 @@ async fn serve_heartbeats(
     }
 }
 
-async fn wait_for_gate(config: &Config) {
+async fn wait_for_gate(config: &Config, progress: &Progress) {
     let mut reported = false;
     loop {
+        progress.mark();
         match gate::inspect_marker(&config.restore_marker) {
             Ok(MarkerState::Present) => return,
             state => {
