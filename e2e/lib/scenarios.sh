@@ -218,6 +218,7 @@ scenario_replacement_host() {
     check_one_registration || return 1
     check_meta_fresh 60 refreshed || return 1
     check_backup_moves_latest "$SEEDED_SNAPSHOT" || return 1
+    check_no_secret_in_logs || return 1
 
     # Newer local data, which a reboot must not restore over.
     in_container runuser -u postgres -- psql -X -q -d matrix -c \
