@@ -241,8 +241,9 @@ pub async fn register_until_done(
                 // every tick, across restarts, until it succeeds.
                 record.vps_meta_pending = meta_persistence_failed;
                 state.save_registration(&record)?;
+                let plural = if record.attempts == 1 { "" } else { "s" };
                 tracing::info!(
-                    "registered with the platform after {} attempts",
+                    "registered with the platform after {} attempt{plural}",
                     record.attempts
                 );
                 return Ok(meta_persistence_failed);
