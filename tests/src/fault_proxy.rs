@@ -439,7 +439,10 @@ impl FaultProxy {
         let listener = runtime
             .block_on(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
             .expect("binding the proxy to 127.0.0.1");
-        let port = listener.local_addr().expect("reading the bound port").port();
+        let port = listener
+            .local_addr()
+            .expect("reading the bound port")
+            .port();
 
         let client = {
             let _entered = runtime.enter();
@@ -504,7 +507,11 @@ impl FaultProxy {
 
     /// Returns every request seen so far, oldest first.
     pub fn exchanges(&self) -> Vec<Exchange> {
-        self.shared.exchanges.lock().expect("exchanges lock").clone()
+        self.shared
+            .exchanges
+            .lock()
+            .expect("exchanges lock")
+            .clone()
     }
 
     /// Returns the requests of one operation seen so far, oldest first.
@@ -660,10 +667,9 @@ fn error_response(status: u16, code: &str, message: &str, resource: &str) -> Res
     );
     let mut response = Response::new(full_body(Bytes::from(body)));
     *response.status_mut() = StatusCode::from_u16(status).expect("a valid status code");
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/xml"),
-    );
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/xml"));
     response
 }
 
@@ -754,7 +760,11 @@ async fn handle(
     };
 
     if shared.mode == ProxyMode::R2 {
-        if let Some(name) = request.headers().keys().find(|name| is_checksum_header(name)) {
+        if let Some(name) = request
+            .headers()
+            .keys()
+            .find(|name| is_checksum_header(name))
+        {
             let message = format!("Header '{name}' with value is not implemented");
             drain(request.into_body(), &received).await;
             record(Some(501), Some("R2 rejects checksum headers".to_owned()));
@@ -926,32 +936,31 @@ async fn forward(
     parts.headers.remove(EXPECT);
 
     let upload_id = query.get("uploadId").map(percent_decode);
-    let body = if shared.mode == ProxyMode::R2
-        && facts.operation == Operation::CompleteMultipartUpload
-    {
-        let bytes = read_limited(body, received)
-            .await
-            .map_err(Rejection::Upstream)?;
-        if let Some(upload_id) = &upload_id {
-            if let Err(message) = check_r2_parts(shared, upload_id, &bytes) {
-                return Err(Rejection::R2(error_response(
-                    400,
-                    "InvalidPart",
-                    &message,
-                    parts.uri.path(),
-                )));
+    let body =
+        if shared.mode == ProxyMode::R2 && facts.operation == Operation::CompleteMultipartUpload {
+            let bytes = read_limited(body, received)
+                .await
+                .map_err(Rejection::Upstream)?;
+            if let Some(upload_id) = &upload_id {
+                if let Err(message) = check_r2_parts(shared, upload_id, &bytes) {
+                    return Err(Rejection::R2(error_response(
+                        400,
+                        "InvalidPart",
+                        &message,
+                        parts.uri.path(),
+                    )));
+                }
             }
-        }
-        full_body(bytes)
-    } else if body.is_end_stream() {
-        empty_body()
-    } else {
-        let shape = match upload_rate {
-            Some(bytes_per_second) => BodyShape::Trickle { bytes_per_second },
-            None => BodyShape::Pass,
+            full_body(bytes)
+        } else if body.is_end_stream() {
+            empty_body()
+        } else {
+            let shape = match upload_rate {
+                Some(bytes_per_second) => BodyShape::Trickle { bytes_per_second },
+                None => BodyShape::Pass,
+            };
+            counted_body(body, shape, Arc::clone(received))
         };
-        counted_body(body, shape, Arc::clone(received))
-    };
 
     let copy_range = parts
         .headers
@@ -1102,9 +1111,17 @@ enum BodyShape {
     Pass,
     /// End after `after` bytes with an error; with `reset`, the connection
     /// is reset rather than closed.
-    Cut { after: u64, reset: Option<RawFd> },
-    Pause { after: u64, pause: Duration },
-    Trickle { bytes_per_second: u64 },
+    Cut {
+        after: u64,
+        reset: Option<RawFd>,
+    },
+    Pause {
+        after: u64,
+        pause: Duration,
+    },
+    Trickle {
+        bytes_per_second: u64,
+    },
 }
 
 struct Shaper {
