@@ -201,10 +201,11 @@ pub async fn copy_object(
 }
 
 /// Completes an upload, and accepts an object that `is_ours` recognises
-/// when the completion fails with not-found. A completion whose response
-/// was lost is retried, and a store that discards an upload once it is
-/// complete answers the retry with NoSuchUpload although the object was
-/// written.
+/// when the completion fails for any reason but refused credentials. A
+/// completion whose response was lost is retried, and a store that
+/// discards an upload once it is complete answers the retry with
+/// NoSuchUpload, or with 412 for a conditional create, although the
+/// object was written. A response the SDK cannot parse ends the same way.
 pub async fn complete_upload(
     store: &dyn ObjectStore,
     key: &str,
@@ -217,14 +218,14 @@ pub async fn complete_upload(
         .complete_multipart(key, upload_id, parts, condition)
         .await
     {
-        Err(error) if error.kind == FailureKind::NotFound => error,
+        Err(error) if error.kind != FailureKind::Denied => error,
         result => return result,
     };
     match store.head(key).await {
         Ok(Some(info)) if is_ours(&info) => {
             tracing::info!(
-                "{key} was completed by an attempt whose response was lost; the retry found \
-                 the upload gone"
+                "{key} is complete although its completion failed ({error}); an earlier \
+                 attempt's response was lost or unreadable"
             );
             Ok(())
         }
