@@ -29,6 +29,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Standard error that drops what it cannot write. tracing-subscriber
+/// reports a failed write on stderr itself, which panics once stderr is a
+/// closed pipe (`matrix-agent backup 2>&1 | head -1`), and a panic would
+/// skip the clean-up of a failed backup.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// Logs to stderr, one line per event. Under systemd the journal adds the
 /// time, so the agent leaves it out there.
 fn init_logging() {
@@ -37,11 +55,14 @@ fn init_logging() {
         // The SDK's own logs repeat what the agent reports, with raw detail.
         .add_directive("aws_smithy_runtime=warn".parse().expect("valid directive"))
         .add_directive("aws_sdk_s3=warn".parse().expect("valid directive"))
+        // Its trace events print the signing parameters, access key id
+        // included.
+        .add_directive("aws_sigv4=warn".parse().expect("valid directive"))
         .add_directive("hyper=warn".parse().expect("valid directive"))
         .add_directive("tokio_postgres=warn".parse().expect("valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
