@@ -285,7 +285,20 @@ impl Config {
         };
 
         let store = match env.get("MATRIX_STORE_DIR") {
-            Some(dir) => Some(StoreConfig::Local { root: dir.into() }),
+            Some(dir) => {
+                if !Path::new(dir).is_absolute() {
+                    problems.invalid("MATRIX_STORE_DIR", "must be an absolute path");
+                }
+                // A stray MATRIX_STORE_DIR on a host would otherwise send
+                // its backups to local disk while the bucket goes stale.
+                if let Some((bucket, _)) = env.first(&["MATRIX_R2_BUCKET", "R2_BUCKET"]) {
+                    problems.invalid(
+                        "MATRIX_STORE_DIR",
+                        format!("is set together with {bucket}; unset one of them"),
+                    );
+                }
+                Some(StoreConfig::Local { root: dir.into() })
+            }
             None => read_s3(env, &mut problems).map(StoreConfig::S3),
         };
 
@@ -827,6 +840,33 @@ mod tests {
         );
         let config = Config::from_env(&env).unwrap();
         assert!(matches!(config.store, StoreConfig::Local { .. }));
+    }
+
+    #[test]
+    fn local_store_must_be_absolute() {
+        let env = Env::from_pairs(
+            complete()
+                .into_iter()
+                .filter(|(name, _)| *name != "MATRIX_R2_BUCKET")
+                .chain([("MATRIX_STORE_DIR", "relative/store")]),
+        );
+        let message = Config::from_env(&env).unwrap_err().to_string();
+        assert!(
+            message.contains("MATRIX_STORE_DIR is invalid: must be an absolute path"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn local_store_and_bucket_conflict() {
+        let env = Env::from_pairs(
+            complete()
+                .into_iter()
+                .chain([("MATRIX_STORE_DIR", "/tmp/store")]),
+        );
+        let message = Config::from_env(&env).unwrap_err().to_string();
+        assert!(message.contains("MATRIX_STORE_DIR is invalid"), "{message}");
+        assert!(message.contains("MATRIX_R2_BUCKET"), "{message}");
     }
 
     #[test]
