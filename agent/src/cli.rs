@@ -183,10 +183,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 keep_weekly,
                 keep_monthly,
             ];
-            if given.iter().all(Option::is_none) {
+            // Zeros alone are most likely a typo, and would delete all but
+            // the newest snapshot and the one latest names.
+            if given.iter().all(|count| count.unwrap_or(0) == 0) {
                 return Err(ConfigError {
                     problems: vec!["prune needs a policy: give at least one of --keep-last, \
-                         --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly"
+                         --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly with a \
+                         count of 1 or more"
                         .to_string()],
                 }
                 .into());
