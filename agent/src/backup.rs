@@ -57,7 +57,10 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     let _lock = BackupLock::acquire(state.path())?;
     let started = Instant::now();
 
-    let result = run_locked(config, &state, started).await;
+    let result = tokio::select! {
+        result = run_locked(config, &state, started) => result,
+        signal = termination_signal() => Err(clean_up_after_signal(config, signal).await),
+    };
     let mut record = state.backup();
     match &result {
         Ok(success) => {
@@ -77,6 +80,37 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         tracing::warn!("{error:#}");
     }
     result.map(|_| ())
+}
+
+/// Waits for SIGTERM (`systemctl stop`) or SIGINT (Ctrl-C) and names it.
+async fn termination_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without handlers the default action, exit, stays in place.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    }
+}
+
+/// Aborts what an interrupted backup left in the bucket. The backup's
+/// future is gone by now, and pg_dump with it (`kill_on_drop`).
+async fn clean_up_after_signal(config: &Config, signal: &str) -> anyhow::Error {
+    tracing::warn!("{signal} received; stopping the backup and aborting its uploads");
+    match store::open(&config.store).await {
+        Ok(store) => abort_stale_uploads(store.as_ref(), config).await,
+        Err(error) => tracing::warn!("cannot reach the store to abort the uploads: {error:#}"),
+    }
+    anyhow!(
+        "backup interrupted by {signal}; its unfinished uploads were aborted, system/db/latest \
+         keeps naming a complete snapshot, and the next backup removes anything else this run \
+         left"
+    )
 }
 
 fn require_open_gate(config: &Config) -> anyhow::Result<()> {

@@ -214,6 +214,28 @@ fn pg_dump_killed_by_signal_aborts_upload() {
 }
 
 #[test]
+fn sigterm_mid_backup_aborts_upload() {
+    let scene = BackupScene::new(MID_DUMP_PAYLOAD_MIB);
+    let mut invariants = scene.invariants();
+    let (running, hold) = start_backup_held_at_first_part(&scene);
+
+    // `systemctl stop` sends SIGTERM; the agent must clean up, not vanish.
+    signal::kill(Pid::from_raw(running.id() as i32), Signal::SIGTERM).expect("sending SIGTERM");
+    hold.release();
+    let run = running.wait();
+
+    invariants.check_backup(&run, Ending::Failed(&["interrupted by SIGTERM", "aborted"]));
+    invariants.assert_nothing_pending(&run.command_line);
+    let record = std::fs::read_to_string(scene.host.state_dir().join("last-backup.json"))
+        .expect("reading last-backup.json");
+    assert!(
+        record.contains("interrupted by SIGTERM"),
+        "last-backup.json does not record the interrupted run:\n{record}"
+    );
+    scene.finish(&mut invariants);
+}
+
+#[test]
 fn pg_restore_fails_then_retry_succeeds() {
     let scene = RestoreScene::new(1);
     // The first restore creates the tables, loads no row and fails as a
