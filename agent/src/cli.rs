@@ -62,7 +62,7 @@ pub enum Command {
     /// Any failure to read the bucket keeps the gate shut.
     #[command(after_help = "Examples:\n  \
         sudo -u matrix sh -c 'set -a; . /opt/matrix/env/host.env; . /opt/matrix/env/r2.env; \
-        . /opt/matrix/env/postgres.env; exec matrix-agent restore'\n  \
+        . /opt/matrix/env/postgres.env; exec /opt/matrix/bin/matrix-agent restore'\n  \
         systemctl restart matrix-restore")]
     Restore,
 
