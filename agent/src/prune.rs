@@ -2,6 +2,7 @@
 //! over snapshot names; the command only lists and deletes.
 
 use std::collections::HashSet;
+use std::io::Write;
 
 use anyhow::{anyhow, Context};
 use chrono::{Datelike, Timelike};
@@ -145,7 +146,9 @@ pub async fn run(config: &Config, policy: &RetentionPolicy, dry_run: bool) -> an
         }
     }
     let summary = if dry_run { "would delete" } else { "deleted" };
-    println!(
+    // A closed stdout (`| head`) must not turn a finished prune into a panic.
+    let _ = writeln!(
+        std::io::stdout(),
         "{summary} {} of {} snapshots; {} kept{}",
         doomed.len(),
         snapshots.len(),

@@ -5,6 +5,7 @@
 //! metrics and `system/host-status.json` all render this one report.
 
 use std::fmt::Write as _;
+use std::io::Write;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -246,11 +247,14 @@ pub async fn run(env: &Env, json: bool) -> anyhow::Result<()> {
         },
     };
     report.bucket = Some(bucket);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    // A closed stdout (`status | head -1`) is the reader's choice, not an
+    // error worth a panic.
+    let text = if json {
+        format!("{}\n", serde_json::to_string_pretty(&report)?)
     } else {
-        print!("{}", render_human(&report));
-    }
+        render_human(&report)
+    };
+    let _ = std::io::stdout().write_all(text.as_bytes());
     Ok(())
 }
 

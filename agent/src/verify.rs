@@ -2,6 +2,7 @@
 //! the database, by streaming it through a hash and through `pg_restore`
 //! into `/dev/null`, which reads and decompresses every entry.
 
+use std::io::Write;
 use std::process::Stdio;
 
 use anyhow::{anyhow, bail, Context};
@@ -99,7 +100,9 @@ pub async fn run(config: &Config, snapshot: Option<&str>) -> anyhow::Result<()> 
             problems.join("; ")
         );
     }
-    println!(
+    // A closed stdout (`| head`) must not turn a passed check into a panic.
+    let _ = writeln!(
+        std::io::stdout(),
         "{} verified: {}, sha256 {sha256}, every archive entry readable by {}",
         snapshot,
         format_bytes(size),
