@@ -39,9 +39,9 @@ const NAME_ATTEMPTS: usize = 3;
 const POINTER_ATTEMPTS: usize = 5;
 /// pg_dump's `--compress` level when MATRIX_DUMP_COMPRESSION is unset.
 /// pg_dump's own default, 6, makes the single-threaded dump the slowest
-/// step of a backup on a small host; level 1 dumped two to three times as
-/// fast in bench/results.md and, on data half text and half bytea, only
-/// a few percent larger.
+/// step of a backup on a small host. In bench/results.md, level 1 dumped
+/// two to three times as fast, and on data half text and half bytea the
+/// dump was only a few percent larger.
 const DEFAULT_DUMP_COMPRESSION: u8 = 1;
 
 /// The pointer as read at the start, for the conditional move at the end.

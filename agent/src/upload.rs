@@ -203,7 +203,7 @@ pub async fn copy_object(
 /// Completes an upload, and accepts an object that `is_ours` recognises
 /// when the completion fails for any reason but refused credentials. A
 /// completion whose response was lost is retried, and a store that
-/// discards an upload once it is complete answers the retry with
+/// discards an upload once it is complete responds to the retry with
 /// NoSuchUpload, or with 412 for a conditional create, although the
 /// object was written. A response the SDK cannot parse ends the same way.
 pub async fn complete_upload(
