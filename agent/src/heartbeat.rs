@@ -28,7 +28,7 @@ use crate::vps_meta::{self, Ownership, VpsMeta};
 const GATE_POLL: Duration = Duration::from_secs(2);
 /// Attempts of the conditional read-modify-write of the metadata.
 const META_ATTEMPTS: usize = 3;
-/// The longest one heartbeat may take before it counts as failed.
+/// Maximum time one heartbeat may take before it counts as failed.
 const BEAT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Slack on top of the longest expected gap between two loop iterations.
 const PROGRESS_SLACK: Duration = Duration::from_secs(60);

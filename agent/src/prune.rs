@@ -13,7 +13,7 @@ use crate::keys::{self, LatestPointer, SnapshotKey};
 use crate::state::StateDir;
 use crate::store;
 
-/// The most snapshots one run deletes, so that a wrong policy costs at
+/// Maximum number of snapshots one run deletes, so that a wrong policy costs at
 /// most this many before an operator notices.
 pub const MAX_DELETIONS_PER_RUN: usize = 100;
 

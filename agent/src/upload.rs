@@ -22,7 +22,7 @@ pub const MIN_PART_SIZE: u64 = 5 << 20;
 /// The part size for databases small enough that it keeps them under
 /// [`MAX_PARTS`].
 pub const DEFAULT_PART_SIZE: u64 = 8 << 20;
-/// The most parts one upload may have.
+/// Maximum number of parts in one upload.
 pub const MAX_PARTS: u64 = 10_000;
 /// The largest part S3 accepts, used for server-side copies: the fewer the
 /// parts, the fewer requests, and no bytes pass through this host.

@@ -78,9 +78,9 @@ pub enum FailureKind {
     NotFound,
     /// The credentials were refused (401/403).
     Denied,
-    /// Connection refused, reset or broken before an answer.
+    /// Connection refused, reset or broken before a response.
     Network,
-    /// No answer in time.
+    /// No response in time.
     Timeout,
     /// The server failed (5xx) or asked to slow down (429/503).
     Server,
